@@ -55,7 +55,9 @@ std::string describe(const T& value) {
   } else if constexpr (std::is_enum_v<T>) {
     return std::to_string(static_cast<std::underlying_type_t<T>>(value));
   } else if constexpr (std::is_convertible_v<const T&, std::string_view>) {
-    return "\"" + std::string(std::string_view(value)) + "\"";
+    std::string quoted(1, '"');
+    quoted.append(std::string_view(value)).push_back('"');
+    return quoted;
   } else {
     std::ostringstream out;
     out.precision(9);
