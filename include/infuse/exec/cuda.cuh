@@ -195,6 +195,9 @@ class device_buffer {
 
   [[nodiscard]] T* data() const noexcept { return data_; }
   [[nodiscard]] std::int64_t size() const noexcept { return size_; }
+  [[nodiscard]] std::size_t bytes() const noexcept {
+    return static_cast<std::size_t>(size_) * sizeof(T);
+  }
 
   // The whole buffer as a rank-1 view, or its first product(extents) elements, row-major.
   [[nodiscard]] device_view<T, 1> as_view() const { return as_view({size_}); }
@@ -231,8 +234,6 @@ class device_buffer {
   }
 
  private:
-  std::size_t bytes() const { return static_cast<std::size_t>(size_) * sizeof(T); }
-
   T* data_ = nullptr;
   std::int64_t size_ = 0;
 };

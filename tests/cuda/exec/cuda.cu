@@ -151,6 +151,7 @@ TEST_CASE("device_buffer: round trip, views, moves and bad sizes") {
   const std::vector<float> values = rng.normals<float>(count);
   device_buffer<float> buffer{std::span<const float>(values)};
   CHECK(buffer.size() == std::ssize(values));
+  CHECK(buffer.bytes() == count * sizeof(float));
   CHECK(buffer.data() != nullptr);
   CHECK(buffer.to_host() == values);
 
@@ -169,10 +170,16 @@ TEST_CASE("device_buffer: round trip, views, moves and bad sizes") {
   CHECK(moved.data() == memory);
   CHECK(buffer.data() == nullptr);  // NOLINT(bugprone-use-after-move): the moved-from state
   CHECK(buffer.size() == 0);
+  CHECK(buffer.bytes() == 0);
+  CHECK(moved.bytes() == count * sizeof(float));
   CHECK(moved.to_host() == values);
+
+  const device_buffer<float3> vectors(3);  // bytes() counts sizeof(T), 12 here
+  CHECK(vectors.bytes() == 36);
 
   device_buffer<float> empty(0);
   CHECK(empty.data() == nullptr);
+  CHECK(empty.bytes() == 0);
   CHECK(empty.to_host().empty());
   CHECK_THROWS_WITH_AS(device_buffer<float>(-1),
                        "infuse::device_buffer: size is -1, expected a nonnegative element count",
