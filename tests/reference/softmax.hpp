@@ -1,11 +1,17 @@
 // Float64 references for softmax, log-sum-exp and softmax-weighted sums (attention over one query).
 #pragma once
 
+#include <doctest/doctest.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <numbers>
 #include <span>
+#include <type_traits>
 #include <vector>
+
+#include "infuse/core/math.hpp"
 
 namespace infuse::reference {
 
@@ -38,4 +44,15 @@ std::vector<double> softmax_weighted_sum(std::span<const T> scores, std::span<co
   return out;
 }
 
+// The tests of infuse's online softmax run once per base: base_tag is a base as a doctest type
+// parameter, and ln_base the scale that the references above take for scores in that base.
+template <log_base Base>
+using base_tag = std::integral_constant<log_base, Base>;
+
+template <log_base Base>
+constexpr double ln_base = Base == log_base::e ? 1.0 : std::numbers::ln2;
+
 }  // namespace infuse::reference
+
+TYPE_TO_STRING_AS("base e", infuse::reference::base_tag<infuse::log_base::e>);
+TYPE_TO_STRING_AS("base 2", infuse::reference::base_tag<infuse::log_base::two>);

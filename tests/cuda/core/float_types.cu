@@ -2,10 +2,8 @@
 // floats encoded (every value, tie and near-tie of the format, specials, random floats), by
 // infuse's types and by CUDA's conversions (the hardware instructions), compared bit for bit with
 // each other and with infuse's host results.
-#include <cuda_runtime.h>
 #include <doctest/doctest.h>
 #include <thrust/device_vector.h>
-#include <thrust/host_vector.h>
 
 #include <algorithm>
 #include <bit>
@@ -16,18 +14,16 @@
 
 #include "infuse/core/float_types.hpp"
 #include "reference/float_formats.hpp"
+#include "support/cuda.cuh"
 #include "support/random.hpp"
 
 namespace {
 
 namespace reference = infuse::reference;
 using infuse::saturation;
-
-#define INFUSE_CUDA_REQUIRE(call)                                                              \
-  do {                                                                                         \
-    const cudaError_t status_ = (call);                                                        \
-    REQUIRE_MESSAGE(status_ == cudaSuccess, #call " failed: " << cudaGetErrorString(status_)); \
-  } while (0)
+using infuse::test::check_launch;
+using infuse::test::raw;
+using infuse::test::to_host;
 
 template <class T>
 using cuda_conversion = reference::cuda_conversion<reference::format_of<T>::value>;
@@ -87,13 +83,10 @@ TEST_CASE_TEMPLATE("device conversions equal CUDA's and the host's bit for bit",
     const std::uint32_t count = encoder.spec().pattern_count();
     thrust::device_vector<std::uint32_t> infuse_device(count);
     thrust::device_vector<std::uint32_t> cuda_device(count);
-    decode_kernel<T><<<grid_for(count), 256>>>(count,
-                                               thrust::raw_pointer_cast(infuse_device.data()),
-                                               thrust::raw_pointer_cast(cuda_device.data()));
-    INFUSE_CUDA_REQUIRE(cudaGetLastError());
-    INFUSE_CUDA_REQUIRE(cudaDeviceSynchronize());
-    const thrust::host_vector<std::uint32_t> infuse_bits = infuse_device;
-    const thrust::host_vector<std::uint32_t> cuda_bits = cuda_device;
+    decode_kernel<T><<<grid_for(count), 256>>>(count, raw(infuse_device), raw(cuda_device));
+    check_launch();
+    const std::vector<std::uint32_t> infuse_bits = to_host(infuse_device);
+    const std::vector<std::uint32_t> cuda_bits = to_host(cuda_device);
     mismatches log;
     for (std::uint32_t bits = 0; bits < count; ++bits) {
       const std::uint32_t host = std::bit_cast<std::uint32_t>(
@@ -116,14 +109,11 @@ TEST_CASE_TEMPLATE("device conversions equal CUDA's and the host's bit for bit",
     thrust::device_vector<std::uint32_t> cuda_device(probes.size());
     for (const saturation mode : {saturation::finite, saturation::none}) {
       CAPTURE(static_cast<int>(mode));
-      encode_kernel<T>
-          <<<grid_for(probes.size()), 256>>>(thrust::raw_pointer_cast(inputs.data()), probes.size(),
-                                             mode, thrust::raw_pointer_cast(infuse_device.data()),
-                                             thrust::raw_pointer_cast(cuda_device.data()));
-      INFUSE_CUDA_REQUIRE(cudaGetLastError());
-      INFUSE_CUDA_REQUIRE(cudaDeviceSynchronize());
-      const thrust::host_vector<std::uint32_t> infuse_bits = infuse_device;
-      const thrust::host_vector<std::uint32_t> cuda_bits = cuda_device;
+      encode_kernel<T><<<grid_for(probes.size()), 256>>>(raw(inputs), probes.size(), mode,
+                                                         raw(infuse_device), raw(cuda_device));
+      check_launch();
+      const std::vector<std::uint32_t> infuse_bits = to_host(infuse_device);
+      const std::vector<std::uint32_t> cuda_bits = to_host(cuda_device);
       // CUDA converts to half and bfloat16 only without saturation.
       const bool cuda_has_mode = cuda_conversion<T>::saturates || mode == saturation::none;
       mismatches log;

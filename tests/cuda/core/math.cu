@@ -4,9 +4,6 @@
 // host compiler may leave apart. So outputs agree to a few ulp per weight, plus the rounding of
 // the accumulation, and both agree with the float64 reference.
 #include <doctest/doctest.h>
-
-#include <cuda_runtime.h>
-#include <thrust/copy.h>
 #include <thrust/device_vector.h>
 
 #include <algorithm>
@@ -14,25 +11,24 @@
 #include <cmath>
 #include <cstddef>
 #include <span>
-#include <type_traits>
 #include <vector>
 
 #include "infuse/core/math.hpp"
 #include "reference/compare.hpp"
 #include "reference/softmax.hpp"
+#include "support/cuda.cuh"
 #include "support/random.hpp"
 #include "support/tolerance.hpp"
 
 namespace {
 
 using infuse::log_base;
+using infuse::reference::base_tag;
+using infuse::reference::ln_base;
+using infuse::test::check_launch;
+using infuse::test::raw;
+using infuse::test::to_host;
 constexpr double tolerance = infuse::test::tolerance<float>::relative;
-
-template <log_base Base>
-using base_tag = std::integral_constant<log_base, Base>;
-
-template <log_base Base>
-constexpr double ln_base = Base == log_base::e ? 1.0 : 0.69314718055994530942;
 
 // Chunk [begin, end) of the keys through an online softmax: its normalised output (dim floats)
 // and natural lse. One thread per chunk on the device, a loop on the host.
@@ -91,27 +87,6 @@ __global__ void log_sum_exp_kernel(const float* scores, std::size_t count, float
   *lse = infuse::log_sum_exp(scores, count);
 }
 
-template <class T>
-T* raw(thrust::device_vector<T>& device) {
-  return thrust::raw_pointer_cast(device.data());
-}
-template <class T>
-const T* raw(const thrust::device_vector<T>& device) {
-  return thrust::raw_pointer_cast(device.data());
-}
-
-template <class T>
-std::vector<T> to_host(const thrust::device_vector<T>& device) {
-  std::vector<T> host(device.size());
-  thrust::copy(device.begin(), device.end(), host.begin());
-  return host;
-}
-
-void check_launch() {
-  REQUIRE(cudaGetLastError() == cudaSuccess);
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-}
-
 // Device and host lses differ by the exponentials' few ulp, and by the float rounding of |lse|.
 void check_same_lse(float device, float host) {
   if (std::isnan(host)) {
@@ -133,9 +108,6 @@ double device_host_error(const std::vector<float>& device, const std::vector<flo
 constexpr double device_host_tolerance = 4e-6;
 
 }  // namespace
-
-TYPE_TO_STRING_AS("base e", base_tag<log_base::e>);
-TYPE_TO_STRING_AS("base 2", base_tag<log_base::two>);
 
 TEST_CASE("device fast_exp2 is 2^x within 2^-21, flushing subnormal results to 0") {
   std::vector<float> x;

@@ -2,11 +2,8 @@
 // bit; normal and Gumbel draws within a few ulp, since CUDA's logf, sinf and cosf (1 to 2 ulp)
 // are not the host's. cuRAND's Philox4_32_10 is an independent implementation of the same
 // generator with the same word mapping, so its curand4() must give our bits too.
-#include <doctest/doctest.h>
-
-#include <cuda_runtime.h>
 #include <curand_kernel.h>
-#include <thrust/copy.h>
+#include <doctest/doctest.h>
 #include <thrust/device_vector.h>
 
 #include <cfloat>
@@ -16,12 +13,16 @@
 #include <vector>
 
 #include "infuse/core/rng.hpp"
+#include "support/cuda.cuh"
 #include "support/random.hpp"
 
 namespace {
 
 using infuse::rng::u32x2;
 using infuse::rng::u32x4;
+using infuse::test::check_launch;
+using infuse::test::raw;
+using infuse::test::to_host;
 
 struct draw_request {
   std::uint64_t seed;
@@ -80,18 +81,6 @@ __global__ void philox_kernel(const u32x4* counters, const u32x2* keys, std::siz
   if (i < count) outputs[i] = infuse::rng::philox4x32_10(counters[i], keys[i]);
 }
 
-template <class T>
-std::vector<T> to_host(const thrust::device_vector<T>& device) {
-  std::vector<T> host(device.size());
-  thrust::copy(device.begin(), device.end(), host.begin());
-  return host;
-}
-
-void check_launch() {
-  REQUIRE(cudaGetLastError() == cudaSuccess);
-  REQUIRE(cudaDeviceSynchronize() == cudaSuccess);
-}
-
 constexpr unsigned block = 128;
 unsigned blocks_for(std::size_t count) {
   return static_cast<unsigned>((count + block - 1) / block);
@@ -121,10 +110,8 @@ TEST_CASE("device Philox4x32-10 gives the known answers and the host's words") {
   const thrust::device_vector<u32x4> device_counters(counters.begin(), counters.end());
   const thrust::device_vector<u32x2> device_keys(keys.begin(), keys.end());
   thrust::device_vector<u32x4> device_outputs(counters.size());
-  philox_kernel<<<blocks_for(counters.size()), block>>>(
-      thrust::raw_pointer_cast(device_counters.data()),
-      thrust::raw_pointer_cast(device_keys.data()), counters.size(),
-      thrust::raw_pointer_cast(device_outputs.data()));
+  philox_kernel<<<blocks_for(counters.size()), block>>>(raw(device_counters), raw(device_keys),
+                                                        counters.size(), raw(device_outputs));
   check_launch();
   const std::vector<u32x4> outputs = to_host(device_outputs);
 
@@ -151,9 +138,8 @@ TEST_CASE("device draws equal the host's, and cuRAND's Philox gives the same wor
   }
   const thrust::device_vector<draw_request> device_requests(requests.begin(), requests.end());
   thrust::device_vector<draw_result> device_results(requests.size());
-  draw_kernel<<<blocks_for(requests.size()), block>>>(
-      thrust::raw_pointer_cast(device_requests.data()), requests.size(),
-      thrust::raw_pointer_cast(device_results.data()));
+  draw_kernel<<<blocks_for(requests.size()), block>>>(raw(device_requests), requests.size(),
+                                                      raw(device_results));
   check_launch();
   const std::vector<draw_result> results = to_host(device_results);
 

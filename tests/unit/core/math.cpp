@@ -6,7 +6,6 @@
 #include <cstddef>
 #include <numbers>
 #include <span>
-#include <type_traits>
 #include <vector>
 
 #include "infuse/core/math.hpp"
@@ -18,14 +17,9 @@
 namespace {
 
 using infuse::log_base;
+using infuse::reference::base_tag;
+using infuse::reference::ln_base;
 constexpr double tolerance = infuse::test::tolerance<float>::relative;
-
-template <log_base Base>
-using base_tag = std::integral_constant<log_base, Base>;
-
-// ln(base): the reference takes natural logarithms.
-template <log_base Base>
-constexpr double ln_base = Base == log_base::e ? 1.0 : std::numbers::ln2;
 
 // A float lse is rounded to |lse| * 2^-24 each time it is computed or stored; `roundings` counts
 // how many such errors the result may have gathered.
@@ -180,9 +174,6 @@ void check_chunked(infuse::test::seeded_rng& random, const std::vector<float>& s
 }
 
 }  // namespace
-
-TYPE_TO_STRING_AS("base e", base_tag<log_base::e>);
-TYPE_TO_STRING_AS("base 2", base_tag<log_base::two>);
 
 TEST_CASE_TEMPLATE("online softmax over random chunks matches the float64 softmax", Base,
                    base_tag<log_base::e>, base_tag<log_base::two>) {
