@@ -1,0 +1,160 @@
+// Float64 target distributions of search::sample, straight from the definition in
+// include/infuse/search/sample.hpp (sorting, no integer weights), and the goodness-of-fit test
+// that compares draws with them.
+#pragma once
+
+#include <doctest/doctest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <vector>
+
+namespace infuse::reference {
+
+// One request's sampling problem, in plain containers.
+struct sampling_case {
+  std::vector<float> logits;
+  double temperature = 1.0;
+  std::int64_t top_k = 0;  // <= 0: none
+  double top_p = 1.0;
+  double min_p = 0.0;
+  std::vector<std::uint32_t> bitmask;  // empty: every token allowed
+  std::vector<std::int32_t> penalty_tokens;
+  std::vector<std::int32_t> penalty_counts;
+  double presence = 0.0, frequency = 0.0, repetition = 1.0;
+  std::vector<std::int32_t> bias_tokens;
+  std::vector<float> bias_values;
+};
+
+// The adjusted logits (bias, penalties; -inf for tokens the bitmask forbids), in float64.
+inline std::vector<double> adjusted_logits(const sampling_case& c) {
+  std::vector<double> a(c.logits.begin(), c.logits.end());
+  for (std::size_t j = 0; j < c.bias_tokens.size(); ++j) a[c.bias_tokens[j]] += c.bias_values[j];
+  for (std::size_t j = 0; j < c.penalty_tokens.size(); ++j) {
+    double& v = a[c.penalty_tokens[j]];
+    v = v > 0 ? v / c.repetition : v * c.repetition;
+    v -= c.penalty_counts[j] * c.frequency + c.presence;
+  }
+  if (!c.bitmask.empty()) {
+    for (std::size_t t = 0; t < a.size(); ++t) {
+      if (((c.bitmask[t / 32] >> (t % 32)) & 1u) == 0) a[t] = -INFINITY;
+    }
+  }
+  return a;
+}
+
+// Tokens in decreasing order of adjusted logit (ties: lower id first).
+inline std::vector<std::int32_t> by_decreasing_logit(const std::vector<double>& a) {
+  std::vector<std::int32_t> order(a.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](std::int32_t x, std::int32_t y) { return a[x] > a[y]; });
+  return order;
+}
+
+// The filtered distribution: probabilities per token, summing to 1.
+inline std::vector<double> filtered_distribution(const sampling_case& c) {
+  const std::vector<double> a = adjusted_logits(c);
+  const auto order = by_decreasing_logit(a);
+  const double max = a[order[0]];
+  std::vector<double> w(a.size(), 0.0);
+  for (std::size_t t = 0; t < a.size(); ++t) w[t] = std::exp((a[t] - max) / c.temperature);
+  std::vector<bool> keep(a.size(), true);
+  for (std::size_t t = 0; t < a.size(); ++t) keep[t] = a[t] > -INFINITY;
+  if (c.top_k > 0 && c.top_k < std::int64_t(a.size())) {
+    const double kth = a[order[c.top_k - 1]];
+    for (std::size_t t = 0; t < a.size(); ++t) keep[t] = keep[t] && a[t] >= kth;
+  }
+  if (c.top_p < 1.0) {
+    double total = 0;
+    for (std::size_t t = 0; t < a.size(); ++t) total += keep[t] ? w[t] : 0.0;
+    double running = 0;
+    double cut = 0;
+    for (const std::int32_t t : order) {
+      if (!keep[t]) continue;
+      running += w[t];
+      if (running >= c.top_p * total) {
+        cut = w[t];
+        break;
+      }
+    }
+    for (std::size_t t = 0; t < a.size(); ++t) keep[t] = keep[t] && w[t] >= cut;
+  }
+  for (std::size_t t = 0; t < a.size(); ++t) keep[t] = keep[t] && w[t] >= c.min_p;
+  double total = 0;
+  for (std::size_t t = 0; t < a.size(); ++t) total += keep[t] ? w[t] : 0.0;
+  std::vector<double> p(a.size(), 0.0);
+  for (std::size_t t = 0; t < a.size(); ++t) p[t] = keep[t] ? w[t] / total : 0.0;
+  return p;
+}
+
+// The running top-p masses (as shares of the top-k mass) in decreasing logit order: a top_p
+// within `margin` of one of them is a boundary case whose float32 and float64 cuts may differ.
+inline bool top_p_near_boundary(sampling_case c, double margin) {
+  const double p = c.top_p;
+  if (p >= 1.0) return false;
+  c.top_p = 1.0;
+  const auto q = filtered_distribution(c);
+  const auto order = by_decreasing_logit(adjusted_logits(c));
+  double running = 0;
+  for (const std::int32_t t : order) {
+    running += q[t];
+    if (std::abs(running - p) < margin) return true;
+  }
+  return false;
+}
+
+// The G statistic (likelihood ratio) of observed counts against expected probabilities, bins of
+// expected count below 5 merged (in the order given) into one tail bin, and the critical value of
+// chi-square with bins - 1 degrees of freedom at significance 1e-6 (Wilson-Hilferty). A count in
+// a bin of probability 0 fails outright (statistic +inf).
+struct fit {
+  double statistic;
+  double critical;
+  int bins;
+  bool rejects() const { return statistic > critical; }
+};
+
+inline fit g_test(const std::vector<std::int64_t>& counts, const std::vector<double>& probability) {
+  std::int64_t draws = 0;
+  for (const auto n : counts) draws += n;
+  std::vector<double> observed, expected;
+  double tail_observed = 0, tail_expected = 0;
+  for (std::size_t t = 0; t < counts.size(); ++t) {
+    const double e = probability[t] * double(draws);
+    if (probability[t] == 0.0) {
+      if (counts[t] > 0) return {INFINITY, 0.0, 0};
+      continue;
+    }
+    if (e >= 5.0) {
+      observed.push_back(double(counts[t]));
+      expected.push_back(e);
+    } else {
+      tail_observed += double(counts[t]);
+      tail_expected += e;
+    }
+  }
+  if (tail_expected > 0) {
+    if (tail_expected < 5.0 && !expected.empty()) {  // fold a small tail into the smallest bin
+      const auto smallest = std::min_element(expected.begin(), expected.end()) - expected.begin();
+      observed[smallest] += tail_observed;
+      expected[smallest] += tail_expected;
+    } else {
+      observed.push_back(tail_observed);
+      expected.push_back(tail_expected);
+    }
+  }
+  double g = 0;
+  for (std::size_t i = 0; i < observed.size(); ++i) {
+    if (observed[i] > 0) g += 2.0 * observed[i] * std::log(observed[i] / expected[i]);
+  }
+  // 2 sum o ln(o/e) ignores sum(o - e) = 0 only when the totals agree, which they do here.
+  const double df = std::max<double>(1.0, double(observed.size()) - 1.0);
+  const double z = 4.753424;  // the standard normal quantile of 1 - 1e-6
+  const double h = 2.0 / (9.0 * df);
+  const double critical = df * std::pow(1.0 - h + z * std::sqrt(h), 3.0);
+  return {g, critical, int(observed.size())};
+}
+
+}  // namespace infuse::reference
