@@ -12,3 +12,6 @@
 #include "infuse/core/view.hpp"
 #include "infuse/exec/backend.hpp"
 #include "infuse/exec/cpu.hpp"
+#include "infuse/gemm/cpu/gemv.hpp"
+#include "infuse/gemm/gemv.hpp"
+#include "infuse/quant/quant.hpp"

@@ -1,0 +1,172 @@
+// Quantized GEMV/GEMM on the CPU, y (batch,n) = x (batch,k) W^T, against the read roofline and
+// OpenBLAS sgemv (batch 1) / sgemm (batch above 1) on the fp32 matrix, in the same run. Shapes:
+// 4096x4096, 14336x4096, 4096x14336 (n x k) and 16384x16384, whose int4 weights are four times a
+// 32 MiB last-level cache; batch 1, 4, 16. Bytes counted: codes, scales and zero points, x and y.
+// smoke filter: ^gemv\.(int4_g128|anchor_openblas)/n:4096/k:4096/batch:1/
+#include <benchmark/benchmark.h>
+
+#include <cmath>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#if defined(INFUSE_BENCH_HAVE_OPENBLAS)
+#include <cblas.h>
+#endif
+
+#include "infuse/gemm/cpu/gemv.hpp"
+#include "infuse/quant/quant.hpp"
+#include "support/cpu_bandwidth.hpp"
+#include "support/harness.hpp"
+
+namespace {
+
+namespace bench = infuse::bench;
+namespace quant = infuse::quant;
+using infuse::host_view;
+
+// Random codes and scales of the right sizes: the speed of a product does not depend on how the
+// codes were found, and filling 256M weights this way takes a fraction of quantizing them.
+template <class S>
+const quant::quantized<S>& random_weights(std::int64_t rows, std::int64_t cols) {
+  static std::map<std::pair<std::int64_t, std::int64_t>, std::unique_ptr<quant::quantized<S>>>
+      cache;
+  auto& slot = cache[{rows, cols}];
+  if (!slot) {
+    slot = std::make_unique<quant::quantized<S>>();
+    auto& q = *slot;
+    q.rows = rows;
+    q.cols = cols;
+    const quant::matrix<S> shape{nullptr, nullptr, nullptr, rows, cols};
+    q.codes.resize(static_cast<std::size_t>(rows * shape.blocks_per_row() * S::block_bytes));
+    std::mt19937_64 engine(42);
+    for (std::size_t i = 0; i < q.codes.size(); i += 8) {
+      const std::uint64_t bits = engine();
+      for (std::size_t j = 0; j < 8 && i + j < q.codes.size(); ++j) {
+        q.codes[i + j] = static_cast<std::uint8_t>(bits >> (8 * j));
+      }
+    }
+    q.scales.assign(static_cast<std::size_t>(shape.group_count() * S::scales_per_group), 0.01f);
+    if constexpr (S::has_zero) q.zeros.assign(static_cast<std::size_t>(shape.group_count()), 8);
+  }
+  return *slot;
+}
+
+std::vector<float> random_input(std::int64_t count) {
+  std::mt19937 engine(7);
+  std::normal_distribution<float> normal;
+  std::vector<float> x(static_cast<std::size_t>(count));
+  for (float& value : x) value = normal(engine);
+  return x;
+}
+
+// Rows 0, n/2 and n-1 of y against a float64 dot product of the dequantized weights.
+template <class Row>
+bool spot_check(std::int64_t rows, std::int64_t cols, std::int64_t batch, const float* x,
+                const float* y, Row&& weight) {
+  for (const std::int64_t n : {std::int64_t{0}, rows / 2, rows - 1}) {
+    for (std::int64_t b = 0; b < batch; b += std::max<std::int64_t>(1, batch - 1)) {
+      double sum = 0.0;
+      double magnitude = 0.0;
+      for (std::int64_t k = 0; k < cols; ++k) {
+        sum += double(weight(n, k)) * x[b * cols + k];
+        magnitude += std::fabs(double(weight(n, k)) * x[b * cols + k]);
+      }
+      if (std::fabs(y[b * rows + n] - sum) > 1e-5 * magnitude) return false;
+    }
+  }
+  return true;
+}
+
+template <class S>
+void gemv_quantized(benchmark::State& state) {
+  const std::int64_t rows = state.range(0);
+  const std::int64_t cols = state.range(1);
+  const std::int64_t batch = state.range(2);
+  const auto& q = random_weights<S>(rows, cols);
+  const auto x = random_input(batch * cols);
+  std::vector<float> y(static_cast<std::size_t>(batch * rows));
+  const infuse::exec::cpu exec;
+  const host_view<const float, 2> xv(x.data(), {batch, cols});
+  const host_view<float, 2> yv(y.data(), {batch, rows});
+  for (auto _ : state) {
+    infuse::gemv(exec, q.view(), xv, yv);
+    benchmark::ClobberMemory();
+  }
+  const auto w = q.view();
+  if (!spot_check(rows, cols, batch, x.data(), y.data(),
+                  [&](std::int64_t n, std::int64_t k) { return w(n, k); })) {
+    bench::report_error(state, "y differs from the float64 dot product");
+  }
+  bench::set_bytes(state, double(q.bytes()) + 4.0 * double(batch * (rows + cols)),
+                   bench::cpu::measured_bandwidth().read_gbps);
+  bench::set_flops(state, 2.0 * double(rows * cols * batch));
+}
+
+#if defined(INFUSE_BENCH_HAVE_OPENBLAS)
+void gemv_openblas(benchmark::State& state) {
+  const std::int64_t rows = state.range(0);
+  const std::int64_t cols = state.range(1);
+  const std::int64_t batch = state.range(2);
+  static std::map<std::pair<std::int64_t, std::int64_t>, std::vector<float>> cache;
+  auto& w = cache[{rows, cols}];
+  if (w.empty()) w = random_input(rows * cols);
+  const auto x = random_input(batch * cols);
+  std::vector<float> y(static_cast<std::size_t>(batch * rows));
+  openblas_set_num_threads(infuse::exec::cpu{}.threads());
+  for (auto _ : state) {
+    if (batch == 1) {
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, int(rows), int(cols), 1.0f, w.data(), int(cols),
+                  x.data(), 1, 0.0f, y.data(), 1);
+    } else {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(batch), int(rows), int(cols), 1.0f,
+                  x.data(), int(cols), w.data(), int(cols), 0.0f, y.data(), int(rows));
+    }
+    benchmark::ClobberMemory();
+  }
+  if (!spot_check(rows, cols, batch, x.data(), y.data(), [&](std::int64_t n, std::int64_t k) {
+        return w[static_cast<std::size_t>(n * cols + k)];
+      })) {
+    bench::report_error(state, "y differs from the float64 dot product");
+  }
+  bench::set_bytes(state, 4.0 * double(rows * cols + batch * (rows + cols)),
+                   bench::cpu::measured_bandwidth().read_gbps);
+  bench::set_flops(state, 2.0 * double(rows * cols * batch));
+}
+#endif
+
+void shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "k", "batch"});
+  for (const auto& [n, k] : {std::pair{4096, 4096}, std::pair{14336, 4096}, std::pair{4096, 14336},
+                             std::pair{16384, 16384}}) {
+    for (const int batch : {1, 4, 16}) b->Args({n, k, batch});
+  }
+  b->UseRealTime();
+}
+
+template <class S>
+void register_scheme() {
+  benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(), gemv_quantized<S>)
+      ->Apply(shapes);
+}
+
+const bool registered = [] {
+  register_scheme<quant::int_<4, 128>>();
+  register_scheme<quant::int_<4, 128, quant::zero_point>>();
+  register_scheme<quant::int_<8, 128>>();
+  register_scheme<quant::int_<3, 128>>();
+  register_scheme<quant::int_<2, 128>>();
+  register_scheme<quant::fp8<infuse::fp8_e4m3, quant::per_channel>>();
+  register_scheme<quant::bcq<3, 128>>();
+  register_scheme<quant::none<infuse::bfloat16>>();
+#if defined(INFUSE_BENCH_HAVE_OPENBLAS)
+  benchmark::RegisterBenchmark("gemv.anchor_openblas", gemv_openblas)->Apply(shapes);
+#endif
+  return true;
+}();
+
+}  // namespace
