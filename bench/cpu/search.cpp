@@ -1,8 +1,10 @@
-// search::sample and search::greedy on the CPU: top-k(50) + top-p(0.9), min-p(0.05) and greedy
+// search::sample and search::greedy on the CPU: top-k(50) + top-p(0.9), top-p(0.9) alone,
+// min-p(0.05) and greedy
 // over vocabularies of 32k, 128k and 256k tokens, batch 1 and 16. Bytes: the logits read once.
 // smoke filter: ^search\.greedy/vocab:32000/batch:1/
 #include <benchmark/benchmark.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -20,7 +22,7 @@ namespace s = infuse::search;
 using infuse::host_memory;
 using infuse::host_view;
 
-enum class variant { top_k_top_p, min_p, greedy };
+enum class variant { top_k_top_p, top_p, min_p, greedy };
 
 template <variant V>
 void search_sample(benchmark::State& state) {
@@ -42,6 +44,11 @@ void search_sample(benchmark::State& state) {
       {token.data(), {rows}}, {logprob.data(), {rows}}, {status.data(), {rows}}, {}, {}};
   // Batch 1 runs on one thread (the latency of one row); larger batches on all.
   const infuse::exec::cpu exec(rows == 1 ? 1 : 0);
+  // Sized for the widest filter set here (the CPU's size does not depend on the filters).
+  using all = s::filters<s::filter::top_k, s::filter::top_p, s::filter::min_p>;
+  std::vector<std::byte> workspace(std::size_t(s::sample_workspace_bytes<all>(exec, rows, vocab)));
+  const infuse::host_view<std::byte, 1> scratch(workspace.data(),
+                                                {std::int64_t(workspace.size())});
   std::int64_t sum = 0;
   for (auto _ : state) {
     if constexpr (V == variant::greedy) {
@@ -52,13 +59,19 @@ void search_sample(benchmark::State& state) {
       params.seed = {seed.data(), {rows}};
       params.top_k = {top_k.data(), {rows}};
       params.top_p = {top_p.data(), {rows}};
-      s::sample<set>(exec, view, row_map, params, out);
+      s::sample<set>(exec, view, row_map, params, out, scratch);
+    } else if constexpr (V == variant::top_p) {
+      using set = s::filters<s::filter::top_p>;
+      s::sample_params<host_memory, set> params;
+      params.seed = {seed.data(), {rows}};
+      params.top_p = {top_p.data(), {rows}};
+      s::sample<set>(exec, view, row_map, params, out, scratch);
     } else {
       using set = s::filters<s::filter::min_p>;
       s::sample_params<host_memory, set> params;
       params.seed = {seed.data(), {rows}};
       params.min_p = {min_p.data(), {rows}};
-      s::sample<set>(exec, view, row_map, params, out);
+      s::sample<set>(exec, view, row_map, params, out, scratch);
     }
     for (std::int64_t r = 0; r < rows; ++r) {
       sum += token[r];
@@ -87,6 +100,7 @@ void shapes(benchmark::internal::Benchmark* benchmark) {
 }
 
 BENCHMARK(search_sample<variant::top_k_top_p>)->Name("search.top_k_top_p")->Apply(shapes);
+BENCHMARK(search_sample<variant::top_p>)->Name("search.top_p")->Apply(shapes);
 BENCHMARK(search_sample<variant::min_p>)->Name("search.min_p")->Apply(shapes);
 BENCHMARK(search_sample<variant::greedy>)->Name("search.greedy")->Apply(shapes);
 

@@ -1,15 +1,18 @@
 // Float64 target distributions of search::sample, straight from the definition in
-// include/infuse/search/sample.hpp (sorting, no integer weights), and the goodness-of-fit test
-// that compares draws with them.
+// include/infuse/search/sample.hpp (sorting, no integer weights), the goodness-of-fit test that
+// compares draws with them, and the exact integer definition that every backend must match.
 #pragma once
 
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <vector>
+
+#include "infuse/search/sample.hpp"
 
 namespace infuse::reference {
 
@@ -155,6 +158,102 @@ inline fit g_test(const std::vector<std::int64_t>& counts, const std::vector<dou
   const double h = 2.0 / (9.0 * df);
   const double critical = df * std::pow(1.0 - h + z * std::sqrt(h), 3.0);
   return {g, critical, int(observed.size())};
+}
+
+}  // namespace infuse::reference
+
+namespace infuse::reference {
+
+// The exact integer definition of search::sample (include/infuse/search/sample.hpp, steps 1-6)
+// written plainly: sorting instead of selections, the shared float math of the library for the
+// adjusted logits and the weights. A backend must match it token for token and bit for bit.
+struct exact_draw {
+  std::int32_t token;
+  float logprob;
+  int status;  // search::row_status as an integer
+};
+
+inline exact_draw exact_sample(const sampling_case& c, std::uint64_t random) {
+  namespace d = infuse::search::detail;
+  const auto vocab = static_cast<std::int64_t>(c.logits.size());
+  std::vector<float> a(c.logits.begin(), c.logits.end());
+  std::vector<bool> allowed(a.size(), true);
+  for (std::size_t j = 0; j < c.bias_tokens.size(); ++j) a[c.bias_tokens[j]] += c.bias_values[j];
+  for (std::size_t j = 0; j < c.penalty_tokens.size(); ++j) {
+    float& v = a[c.penalty_tokens[j]];
+    v = d::penalized(v, c.penalty_counts[j], float(c.presence), float(c.frequency),
+                     float(c.repetition));
+  }
+  if (!c.bitmask.empty()) {
+    for (std::int64_t t = 0; t < vocab; ++t) allowed[t] = (c.bitmask[t / 32] >> (t % 32)) & 1u;
+  }
+  std::vector<std::int32_t> tokens;
+  for (std::int32_t t = 0; t < vocab; ++t) {
+    if (allowed[t]) tokens.push_back(t);
+  }
+  float max = -INFINITY;
+  for (const auto t : tokens) {
+    if (std::isnan(a[t])) return {0, NAN, 1};
+    max = std::max(max, a[t]);
+  }
+  if (tokens.empty() || max == -INFINITY) return {0, NAN, 2};
+  const auto temperature = float(c.temperature);
+  if (temperature == 0.0f) {
+    for (const auto t : tokens) {
+      if (a[t] == max) return {t, 0.0f, 0};
+    }
+  }
+  // Decreasing adjusted logit, ties by id.
+  std::stable_sort(tokens.begin(), tokens.end(), [&](std::int32_t x, std::int32_t y) { return a[x] > a[y]; });
+  std::vector<std::int32_t> kept;
+  const auto k = static_cast<std::int64_t>(c.top_k);
+  const float kth = k > 0 && k < std::int64_t(tokens.size()) ? a[tokens[k - 1]] : -INFINITY;
+  std::vector<std::uint64_t> weight(a.size(), 0);
+  std::uint64_t total = 0;
+  for (const auto t : tokens) {
+    weight[t] = d::integer_weight(d::relative_weight(a[t], max, temperature));
+    if (a[t] >= kth && weight[t] > 0) {
+      kept.push_back(t);
+      total += weight[t];
+    }
+  }
+  std::uint64_t cut = 0;
+  if (c.top_p < 1.0) {
+    std::vector<std::uint64_t> w;
+    for (const auto t : kept) w.push_back(weight[t]);
+    std::sort(w.begin(), w.end(), std::greater<>());
+    const std::uint64_t target = d::top_p_mass(float(c.top_p), total);
+    std::uint64_t running = 0;
+    for (const auto v : w) {
+      running += v;
+      if (running >= target) {
+        cut = v;
+        break;
+      }
+    }
+  }
+  std::vector<std::int32_t> final_tokens;
+  std::uint64_t final_total = 0;
+  for (const auto t : kept) {
+    if (weight[t] < cut) continue;
+    if (c.min_p > 0 && d::relative_weight(a[t], max, temperature) < float(c.min_p)) continue;
+    final_tokens.push_back(t);
+    final_total += weight[t];
+  }
+  std::sort(final_tokens.begin(), final_tokens.end());
+  const std::uint64_t target = d::scaled_draw(random, final_total);
+  std::uint64_t running = 0;
+  std::int32_t chosen = final_tokens.back();
+  for (const auto t : final_tokens) {
+    running += weight[t];
+    if (running > target) {
+      chosen = t;
+      break;
+    }
+  }
+  const float log_total = static_cast<float>(std::log(double(final_total) * 0x1p-40));
+  const float dchosen = a[chosen] == max ? 0.0f : (a[chosen] - max) / temperature;
+  return {chosen, dchosen - log_total, 0};
 }
 
 }  // namespace infuse::reference

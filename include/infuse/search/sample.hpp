@@ -6,7 +6,13 @@
 //   using filters = s::filters<s::filter::temperature, s::filter::top_k, s::filter::top_p>;
 //   s::sample_params<infuse::host_memory, filters> params;   // one member per filter present
 //   params.seed = seeds;  params.temperature = temps;  params.top_k = ks;  params.top_p = ps;
-//   s::sample(exec, logits, {row_request, row_position}, params, out);
+//   std::vector<std::byte> scratch(s::sample_workspace_bytes<filters>(exec, rows, vocab));
+//   s::sample(exec, logits, {row_request, row_position}, params, out, {scratch.data(), {n}});
+//
+// The call allocates nothing: its scratch is the caller's `workspace`, at least
+// sample_workspace_bytes<Set>(exec, rows, vocab) bytes of the backend's memory (any alignment).
+// The size depends on the backend, the filters, the row count and the vocabulary only, so one
+// buffer sized for the largest batch serves every call (and every CUDA graph replay).
 //
 // The distribution a row samples from (its "filtered distribution"), in this order:
 //   1. a_i = x_i + bias_i                                  (logit_bias)
@@ -44,6 +50,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -292,7 +299,8 @@ INFUSE_HOST_DEVICE inline std::uint64_t scaled_draw(std::uint64_t random, std::u
 #if defined(INFUSE_DEVICE_PASS)
   return __umul64hi(random, total);
 #else
-  return static_cast<std::uint64_t>((static_cast<unsigned __int128>(random) * total) >> 64);
+  __extension__ using uint128 = unsigned __int128;
+  return static_cast<std::uint64_t>((static_cast<uint128>(random) * total) >> 64);
 #endif
 }
 
@@ -471,19 +479,41 @@ struct sample_body {
 };
 }  // namespace detail
 
+// The bytes of workspace that sample<Set> needs on `exec` for up to `rows` rows of `vocab` tokens
+// (0 when it needs none). A buffer of this size serves any call with at most `rows` rows.
+template <class Set, class Exec>
+std::int64_t sample_workspace_bytes(const Exec& exec, std::int64_t rows, std::int64_t vocab) {
+  static_assert(detail::is_filters<Set>,
+                "infuse: search::sample takes its filters as one search::filters<...> argument; "
+                "see docs/policies.md#decoding-search");
+  constexpr const char* call = "infuse::search::sample_workspace_bytes";
+  require(rows >= 0, call, "rows", rows, "a nonnegative row count");
+  require(vocab >= 1 && vocab < detail::max_vocab, call, "vocab", vocab,
+          "a vocabulary of 1 to 2^23 - 1 tokens");
+  return detail::sample_body<Exec>::template workspace_bytes<Set>(exec, rows, vocab);
+}
+
 // Samples one token per row of `logits` (rows,vocab) (any row stride, contiguous rows) from the
-// filtered distribution described at the top of this file. Throws infuse::error before writing
-// anything when an argument is malformed.
+// filtered distribution described at the top of this file, with `workspace` as scratch (see
+// sample_workspace_bytes). Throws infuse::error before writing anything when an argument is
+// malformed.
 template <class Set, class Exec, class Logits, class Space>
 void sample(const Exec& exec, Logits logits, const sample_rows<Space>& rows,
-            const sample_params<Space, Set>& params, const sample_outputs<Space>& out) {
+            const sample_params<Space, Set>& params, const sample_outputs<Space>& out,
+            const view<std::byte, 1, Space>& workspace) {
   detail::static_check_sample<Exec, Set, Logits, Space>();
   detail::validate_sample(logits, rows, params, out);
-  detail::sample_body<Exec>::template sample<Set>(exec, logits, rows, params, out);
+  const std::int64_t needed = sample_workspace_bytes<Set>(exec, logits.extent(0), logits.extent(1));
+  require(workspace.extent(0) >= needed, detail::sample_call, "workspace.extent(0)",
+          workspace.extent(0),
+          "at least " + std::to_string(needed) + " bytes (search::sample_workspace_bytes)");
+  require_view(workspace, detail::sample_call, "workspace", {any_extent});
+  detail::sample_body<Exec>::template sample<Set>(exec, logits, rows, params, out, workspace);
 }
 
 // The most likely token of each row (the lowest id among equal maxima), log-probability 0 (the
-// greedy distribution is a point mass); NaN and all -inf rows get the statuses of sample.
+// greedy distribution is a point mass); NaN and all -inf rows get the statuses of sample. Greedy
+// needs no workspace.
 template <class Exec, class Logits, class Space>
 void greedy(const Exec& exec, Logits logits, const sample_outputs<Space>& out) {
   detail::static_check_sample<Exec, filters<>, Logits, Space>();

@@ -7,7 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "infuse/exec/cpu.hpp"
@@ -102,11 +104,13 @@ std::vector<std::int64_t> draw_counts(const sampling_case& c, std::int64_t draws
   std::vector<std::int64_t> counts(vocab, 0);
   const std::int64_t chunk = 1 << 16;
   infuse::exec::cpu exec;
+  std::vector<std::byte> workspace(std::size_t(s::sample_workspace_bytes<Set>(exec, chunk, vocab)));
+  const host_view<std::byte, 1> scratch(workspace.data(), {std::int64_t(workspace.size())});
   for (std::int64_t first = 0; first < draws; first += chunk) {
     const std::int64_t rows = std::min(chunk, draws - first);
     batch<Set> b(c, rows, first);
     const host_view<const float, 2> logits(c.logits.data(), {rows, vocab}, {0, 1});
-    s::sample<Set>(exec, logits, b.rows(), b.params, b.outputs());
+    s::sample<Set>(exec, logits, b.rows(), b.params, b.outputs(), scratch);
     for (std::int64_t r = 0; r < rows; ++r) {
       REQUIRE(b.status[r] == s::row_status::ok);
       REQUIRE(b.token[r] >= 0);
@@ -236,4 +240,107 @@ TEST_CASE("search::sample G test rejects a top_p boundary off by one token") {
                                              infuse::reference::filtered_distribution(c));
   INFO("G = " << fit.statistic << ", critical " << fit.critical);
   CHECK(fit.rejects());
+}
+
+namespace {
+
+// A case for the exact comparison: no boundary avoidance (the exact definition has none to
+// avoid), logits of the given shape: 0 normal (stddev 3), 1 flat (stddev 0.3), 2 small integers
+// (many ties).
+template <class Set>
+sampling_case exact_case(infuse::test::seeded_rng& rng, std::int64_t vocab, int shape) {
+  sampling_case c = random_case<Set>(rng, 64);  // the parameters; logits and lists redone below
+  c.logits.resize(vocab);
+  for (auto& x : c.logits) {
+    x = shape == 0   ? float(rng.normal(0.0, 3.0))
+        : shape == 1 ? float(rng.normal(0.0, 0.3))
+                     : float(rng.integer(-3, 3));
+  }
+  if constexpr (Set::template has<s::filter::top_k>) {
+    c.top_k = rng.uniform() < 0.5 ? 50 : rng.integer(1, vocab + 10);
+  }
+  if constexpr (Set::template has<s::filter::top_p>) c.top_p = rng.uniform(0.05, 1.0);
+  if constexpr (Set::template has<s::filter::token_bitmask>) {
+    c.bitmask.resize((vocab + 31) / 32);
+    for (auto& word : c.bitmask) word = rng.bits32() | rng.bits32();
+  }
+  c.penalty_tokens.clear();
+  c.penalty_counts.clear();
+  c.bias_tokens.clear();
+  c.bias_values.clear();
+  for (std::int32_t t = 0; t < vocab; t += std::int32_t(rng.integer(1, 200))) {
+    if constexpr (Set::template has<s::filter::penalties>) {
+      c.penalty_tokens.push_back(t);
+      c.penalty_counts.push_back(std::int32_t(rng.integer(1, 4)));
+    }
+    if constexpr (Set::template has<s::filter::logit_bias>) {
+      c.bias_tokens.push_back(t);
+      c.bias_values.push_back(float(rng.uniform(-3.0, 3.0)));
+    }
+  }
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE_TEMPLATE("search::sample matches the exact integer definition bit for bit", Set, t_only,
+                   k_only, p_only, k_and_p, m_only, k_p_m, masked, penalized, biased, everything) {
+  INFUSE_RANDOM(rng);
+  infuse::exec::cpu exec(1);
+  for (const std::int64_t vocab : {std::int64_t{1000}, std::int64_t{128256}}) {
+    for (int shape = 0; shape < 3; ++shape) {
+      CAPTURE(vocab);
+      CAPTURE(shape);
+      const sampling_case c = exact_case<Set>(rng, vocab, shape);
+      const std::int64_t rows = 4;
+      batch<Set> b(c, rows, rng.integer(0, 1 << 30));
+      std::vector<std::byte> workspace(std::size_t(s::sample_workspace_bytes<Set>(exec, rows, vocab)));
+      s::sample<Set>(exec, host_view<const float, 2>(c.logits.data(), {rows, vocab}, {0, 1}),
+                     b.rows(), b.params, b.outputs(),
+                     {workspace.data(), {std::int64_t(workspace.size())}});
+      for (std::int64_t r = 0; r < rows; ++r) {
+        const auto expected = infuse::reference::exact_sample(
+            c, s::detail::sample_bits(b.seed[0], std::uint64_t(b.position[r])));
+        CHECK(int(b.status[r]) == expected.status);
+        CHECK(b.token[r] == expected.token);
+        CHECK(std::memcmp(&b.logprob[r], &expected.logprob, sizeof(float)) == 0);
+      }
+    }
+  }
+}
+
+TEST_CASE("search::sample: the vector portable_exp gives the scalar floats, lane by lane") {
+  namespace cs = s::detail::cpu_sample;
+  INFUSE_RANDOM(rng);
+  const cs::float_tag d;
+  const auto lanes = static_cast<std::int64_t>(hwy::HWY_NAMESPACE::Lanes(d));
+  std::vector<float> logits = rng.normals<float>(1 << 16, 4.0);
+  // Edges: the maximum itself, -0 and the smallest steps below it, the -30 cut-off and its
+  // neighbours, values whose scaled exponent is a rint tie, infinities, NaN, huge magnitudes.
+  const float max = 10.0f;
+  for (const float x : {max, std::nextafter(max, 0.0f), max - 30.0f, max - 30.000002f,
+                        max - 29.999998f, -INFINITY, NAN, -1e30f, -3e38f, 9.9999999f}) {
+    logits.push_back(x);
+  }
+  for (int k = 0; k < 45; ++k) logits.push_back(max - float((k + 0.5) / 1.4426950408889634));
+  while (std::ssize(logits) % lanes != 0) logits.push_back(0.0f);
+  std::int64_t compared = 0;
+  for (const float temperature : {1.0f, 0.7f, 1.9f, 1e-3f, 37.0f}) {
+    std::vector<float> vector_weights(logits.size());
+    for (std::size_t t = 0; t < logits.size(); t += std::size_t(lanes)) {
+      namespace hn = hwy::HWY_NAMESPACE;
+      hn::StoreU(cs::relative_weights(d, hn::LoadU(d, logits.data() + t), hn::Set(d, max),
+                                      hn::Set(d, temperature)),
+                 d, vector_weights.data() + t);
+    }
+    for (std::size_t t = 0; t < logits.size(); ++t) {
+      const float scalar = s::detail::relative_weight(logits[t], max, temperature);
+      if (std::memcmp(&scalar, &vector_weights[t], sizeof(float)) != 0) {
+        FAIL_CHECK("logit " << logits[t] << ", temperature " << temperature << ": vector "
+                            << vector_weights[t] << ", scalar " << scalar);
+      }
+      ++compared;
+    }
+  }
+  CHECK(compared > 5 * (1 << 16));
 }

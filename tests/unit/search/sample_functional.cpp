@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <limits>
 #include <string>
@@ -35,6 +36,7 @@ struct kp_batch {
   std::vector<std::int32_t> top_tokens;
   std::vector<float> top_logprobs;
   std::int64_t top_n = 0;
+  std::int64_t workspace_shortfall = 0;  // bytes fewer than sample_workspace_bytes to pass
 
   kp_batch(std::int64_t rows, std::int64_t vocab)
       : rows(rows), vocab(vocab), logits(rows * vocab), request(rows), position(rows), seed(rows),
@@ -60,8 +62,11 @@ struct kp_batch {
                                        {status.data(), {rows}},
                                        {top_tokens.data(), {rows, top_n}},
                                        {top_logprobs.data(), {rows, top_n}}};
+    std::vector<std::byte> workspace(
+        std::size_t(s::sample_workspace_bytes<filters_kp>(exec, rows, vocab)));
     s::sample<filters_kp>(exec, host_view<const float, 2>(logits.data(), {rows, vocab}),
-                          {{request.data(), {rows}}, {position.data(), {rows}}}, params, out);
+                          {{request.data(), {rows}}, {position.data(), {rows}}}, params, out,
+                          {workspace.data(), {std::int64_t(workspace.size()) - workspace_shortfall}});
   }
 
   infuse::reference::sampling_case reference_case(std::int64_t r) const {
@@ -261,6 +266,25 @@ TEST_CASE("search::sample rejects bad arguments before writing anything") {
   expect_error([](kp_batch& b) { b.temperature[1] = -1.0f; }, "params.temperature[1]");
   expect_error([](kp_batch& b) { b.temperature[0] = NAN; }, "params.temperature[0]");
   expect_error([](kp_batch& b) { b.request[1] = 2; }, "rows.request[1]");
+  expect_error([](kp_batch& b) { b.workspace_shortfall = 1; }, "workspace.extent(0)");
+}
+
+TEST_CASE("search::sample_workspace_bytes: per thread, and enough for any smaller batch") {
+  const infuse::exec::cpu two(2), one(1);
+  const auto bytes = [](const infuse::exec::cpu& exec, std::int64_t rows, std::int64_t vocab) {
+    return s::sample_workspace_bytes<filters_kp>(exec, rows, vocab);
+  };
+  CHECK(bytes(two, 0, 1000) == 0);
+  CHECK(bytes(two, 1, 1000) == bytes(one, 5, 1000));
+  CHECK(bytes(two, 5, 1000) > bytes(one, 5, 1000));
+  CHECK(bytes(two, 5, 1000) == bytes(two, 64, 1000));
+  CHECK(bytes(one, 1, 2000) > bytes(one, 1, 1000));
+  CHECK_THROWS_WITH_AS(bytes(one, 1, 0), doctest::Contains("vocab"), infuse::error);
+  CHECK_THROWS_WITH_AS(bytes(one, -1, 10), doctest::Contains("rows"), infuse::error);
+  // A workspace sized for 16 rows serves a call with 3, at any alignment.
+  kp_batch b(3, 1000);
+  b.workspace_shortfall = -1000;
+  CHECK_NOTHROW(b.run(infuse::exec::cpu(2)));
 }
 
 TEST_CASE("search::sample checks the shapes of outputs and lists") {
@@ -284,12 +308,15 @@ TEST_CASE("search::sample checks the shapes of outputs and lists") {
   const host_view<const float, 2> view(logits.data(), {2, 64});
   s::sample_outputs<host_memory> out{{token.data(), {1}}, {logprob.data(), {2}},
                                      {status.data(), {2}}, {}, {}};
-  CHECK_THROWS_WITH_AS(s::sample<set>(infuse::exec::cpu{}, view, rows, params, out),
+  std::vector<std::byte> workspace(
+      std::size_t(s::sample_workspace_bytes<set>(infuse::exec::cpu{}, 2, 64)));
+  const host_view<std::byte, 1> scratch(workspace.data(), {std::int64_t(workspace.size())});
+  CHECK_THROWS_WITH_AS(s::sample<set>(infuse::exec::cpu{}, view, rows, params, out, scratch),
                        doctest::Contains("out.token.extent(0) is 1, expected 2"), infuse::error);
   token.resize(2);
   out.token = {token.data(), {2}};
-  CHECK_THROWS_WITH_AS(s::sample<set>(infuse::exec::cpu{}, view, rows, params, out),
+  CHECK_THROWS_WITH_AS(s::sample<set>(infuse::exec::cpu{}, view, rows, params, out, scratch),
                        doctest::Contains("params.penalty_tokens[1]"), infuse::error);
   tokens = {3, 5};
-  CHECK_NOTHROW(s::sample<set>(infuse::exec::cpu{}, view, rows, params, out));
+  CHECK_NOTHROW(s::sample<set>(infuse::exec::cpu{}, view, rows, params, out, scratch));
 }
