@@ -411,15 +411,23 @@ inline top_p_result top_p_candidates(const row_input& row, float max, float temp
   const auto add_weight = [&](std::uint32_t bits) {
     float w = 0;
     std::memcpy(&w, &bits, sizeof w);
-    if (bits >= histogram_low << 16 && bits <= 0x3F800000u) mass[(bits >> 16) - histogram_low] += integer_weight(w);
+    if (bits >= histogram_low << 16 && bits <= 0x3F800000u) {
+      mass[(bits >> 16) - histogram_low] += integer_weight(w);
+    }
   };
   std::int64_t t = 0;
   for (; t + lanes <= row.vocab; t += lanes) {
     const auto w = relative_weights(d, hn::LoadU(d, row.logits + t), vmax, vtemperature);
     hn::StoreU(w, d, weights + t);
     // integer_weight lane by lane: w * 2^40 is exact in double, the conversion truncates
-    sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(hn::PromoteTo(dd, hn::LowerHalf(dh, w)), scale)));
-    sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(hn::PromoteTo(dd, hn::UpperHalf(dh, w)), scale)));
+#if HWY_TARGET == HWY_SCALAR  // one lane: no halves to widen separately
+    sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(hn::PromoteTo(dd, w), scale)));
+#else
+    const auto low = hn::PromoteTo(dd, hn::LowerHalf(dh, w));
+    const auto high_half = hn::PromoteTo(dd, hn::UpperHalf(dh, w));
+    sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(low, scale)));
+    sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(high_half, scale)));
+#endif
     const auto high = hn::Ge(w, hn::Set(d, 0x1p-41f));  // histogram_low
     if (hn::AllFalse(d, high)) continue;
     alignas(64) std::uint32_t lane_bits[max_lanes];
