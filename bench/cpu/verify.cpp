@@ -11,12 +11,11 @@
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
-#include <random>
-#include <string>
 #include <vector>
 
 #include "support/cpu_bandwidth.hpp"
 #include "support/harness.hpp"
+#include "support/verify_inputs.hpp"
 
 namespace {
 
@@ -28,48 +27,11 @@ using infuse::search::verify_status;
 
 constexpr std::int64_t draft_tokens = 5;
 
-struct chain_data {
-  std::int64_t batch, vocab;
-  std::vector<float> q, p;
-  std::vector<std::int32_t> drafts;
-  std::vector<std::uint64_t> seeds;
-  std::vector<std::int64_t> positions;
-};
-
-chain_data make_chain(std::int64_t batch, std::int64_t vocab) {
-  chain_data data{batch, vocab, {}, {}, {}, {}, {}};
-  std::mt19937_64 engine(1234);
-  std::normal_distribution<double> normal(0.0, 2.0);
-  std::uniform_real_distribution<double> jitter(0.7, 1.3);
-  const auto normalise = [](std::vector<double>& row) {
-    double total = 0.0;
-    for (const double w : row) total += w;
-    for (double& w : row) w /= total;
-  };
-  std::vector<double> p_row(vocab), q_row(vocab);
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t i = 0; i <= draft_tokens; ++i) {
-      for (auto& w : p_row) w = std::exp(normal(engine));
-      normalise(p_row);
-      data.p.insert(data.p.end(), p_row.begin(), p_row.end());
-      if (i == draft_tokens) continue;
-      for (std::int64_t x = 0; x < vocab; ++x) q_row[x] = p_row[x] * jitter(engine);
-      normalise(q_row);
-      data.q.insert(data.q.end(), q_row.begin(), q_row.end());
-      std::discrete_distribution<std::int32_t> draft(q_row.begin(), q_row.end());
-      data.drafts.push_back(draft(engine));
-    }
-    data.seeds.push_back(engine());
-    data.positions.push_back(100);
-  }
-  return data;
-}
-
 template <acceptance Rule>
 void verify_chain(benchmark::State& state) {
   const std::int64_t vocab = state.range(0);
   const std::int64_t batch = state.range(1);
-  const chain_data data = make_chain(batch, vocab);
+  const bench::chain_inputs data = bench::make_chain_inputs(batch, draft_tokens, vocab);
   const infuse::search::chain_drafts<host_memory> in{
       host_view<const std::int32_t, 2>(data.drafts.data(), {batch, draft_tokens}),
       host_view<const float, 3>(data.q.data(), {batch, draft_tokens, vocab}),
@@ -89,15 +51,7 @@ void verify_chain(benchmark::State& state) {
     infuse::search::verify_chain<Rule>(exec, in, out);
     for (const auto count : accepted) accepted_total += count;
   }
-  for (std::int64_t b = 0; b < batch; ++b) {
-    const std::int32_t last = tokens[b * (draft_tokens + 1) + accepted[b]];
-    if (status[b] != verify_status::ok || last < 0 || last >= vocab) {
-      bench::report_error(state, "request " + std::to_string(b) + " has status " +
-                                     std::to_string(static_cast<int>(status[b])) +
-                                     " and final token " + std::to_string(last));
-      return;
-    }
-  }
+  if (!bench::check_chain_results(state, accepted, tokens, status, vocab)) return;
   const double rows = Rule == acceptance::greedy ? 1.0 : 2.0;
   bench::set_bytes(state, rows * double(vocab) * sizeof(float) * double(batch),
                    bench::cpu::measured_bandwidth().read_gbps);

@@ -1,22 +1,20 @@
 // Chain speculative verification of 5 draft tokens per request on the GPU (search::verify_chain,
 // sampled and greedy), vocab 32k and 128k, batch 1, 16, 64 and 128, after an L2 flush, timed with
-// CUDA events. Inputs as in bench/cpu/verify.cpp: drafts from rows near the target's. GB/s counts
-// one read of the p and q rows of the deciding position per request. Every result is checked.
+// CUDA events. Inputs as in bench/cpu/verify.cpp (support/verify_inputs.hpp): drafts from rows
+// near the target's. GB/s counts one read of the p and q rows of the deciding position per
+// request. Every result is checked.
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 
-#include <cmath>
 #include <cstdint>
-#include <random>
 #include <span>
-#include <string>
-#include <vector>
 
 #include "infuse/exec/cuda.cuh"
 #include "infuse/search/cuda/verify.cuh"
 #include "support/gpu.cuh"
 #include "support/gpu_bandwidth.cuh"
 #include "support/harness.hpp"
+#include "support/verify_inputs.hpp"
 
 namespace {
 
@@ -30,50 +28,25 @@ using infuse::search::verify_status;
 
 constexpr std::int64_t draft_tokens = 5;
 
-// p rows e^N(0, 2) normalised, q = p times a uniform jitter in [0.7, 1.3], renormalised; drafts
-// drawn from q.
+// The inputs of bench::make_chain_inputs (support/verify_inputs.hpp), in device memory.
 struct chain_buffers {
+  explicit chain_buffers(const bench::chain_inputs& host)
+      : q(std::span<const float>(host.q)),
+        p(std::span<const float>(host.p)),
+        drafts(std::span<const std::int32_t>(host.drafts)),
+        seeds(std::span<const std::uint64_t>(host.seeds)),
+        positions(std::span<const std::int64_t>(host.positions)) {}
   device_buffer<float> q, p;
   device_buffer<std::int32_t> drafts;
   device_buffer<std::uint64_t> seeds;
   device_buffer<std::int64_t> positions;
 };
 
-chain_buffers make_chain(std::int64_t batch, std::int64_t vocab) {
-  std::mt19937_64 engine(1234);
-  std::normal_distribution<float> normal(0.0f, 2.0f);
-  std::uniform_real_distribution<float> jitter(0.7f, 1.3f);
-  std::vector<float> q, p, row(vocab);
-  std::vector<std::int32_t> drafts;
-  std::vector<std::uint64_t> seeds;
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t i = 0; i <= draft_tokens; ++i) {
-      double total = 0.0;
-      for (auto& w : row) total += (w = std::exp(normal(engine)));
-      for (auto& w : row) w = static_cast<float>(w / total);
-      p.insert(p.end(), row.begin(), row.end());
-      if (i == draft_tokens) continue;
-      total = 0.0;
-      for (auto& w : row) total += (w *= jitter(engine));
-      for (auto& w : row) w = static_cast<float>(w / total);
-      q.insert(q.end(), row.begin(), row.end());
-      drafts.push_back(std::discrete_distribution<std::int32_t>(row.begin(), row.end())(engine));
-    }
-    seeds.push_back(engine());
-  }
-  const std::vector<std::int64_t> positions(batch, 100);
-  return {device_buffer<float>(std::span<const float>(q)),
-          device_buffer<float>(std::span<const float>(p)),
-          device_buffer<std::int32_t>(std::span<const std::int32_t>(drafts)),
-          device_buffer<std::uint64_t>(std::span<const std::uint64_t>(seeds)),
-          device_buffer<std::int64_t>(std::span<const std::int64_t>(positions))};
-}
-
 template <acceptance Rule>
 void verify_chain(benchmark::State& state) {
   const std::int64_t vocab = state.range(0);
   const std::int64_t batch = state.range(1);
-  const chain_buffers data = make_chain(batch, vocab);
+  const chain_buffers data(bench::make_chain_inputs(batch, draft_tokens, vocab));
   const infuse::search::chain_drafts<device_memory> in{
       data.drafts.as_view({batch, draft_tokens}), data.q.as_view({batch, draft_tokens, vocab}),
       data.p.as_view({batch, draft_tokens + 1, vocab}), data.seeds.as_view(),
@@ -95,17 +68,9 @@ void verify_chain(benchmark::State& state) {
   const auto host_accepted = accepted.to_host();
   const auto host_tokens = tokens.to_host();
   const auto host_status = status.to_host();
+  if (!bench::check_chain_results(state, host_accepted, host_tokens, host_status, vocab)) return;
   double accepted_total = 0.0;
-  for (std::int64_t b = 0; b < batch; ++b) {
-    const std::int32_t last = host_tokens[b * (draft_tokens + 1) + host_accepted[b]];
-    if (host_status[b] != verify_status::ok || last < 0 || last >= vocab) {
-      bench::report_error(state, "request " + std::to_string(b) + " has status " +
-                                     std::to_string(static_cast<int>(host_status[b])) +
-                                     " and final token " + std::to_string(last));
-      return;
-    }
-    accepted_total += host_accepted[b];
-  }
+  for (const auto count : host_accepted) accepted_total += count;
   const double rows = Rule == acceptance::greedy ? 1.0 : 2.0;
   bench::set_bytes(state, rows * double(vocab) * sizeof(float) * double(batch),
                    gpu::measured_bandwidth().read_gbps);

@@ -18,8 +18,11 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
+#include "infuse/core/concepts.hpp"
 #include "infuse/core/config.hpp"
+#include "infuse/core/view.hpp"
 
 namespace infuse::search {
 
@@ -109,6 +112,20 @@ struct row_stats_state {
             row_flag::ok};
   }
 };
+
+// The checks both bodies of search::row_stats run before any work: logits (rows,vocab) with any
+// row stride, stats (rows), both views that `Exec` can read.
+template <class Exec, class Logits, class Stats>
+void require_row_stats(const Logits& logits, const Stats& stats) {
+  static_check_view<Exec, 2, Logits>();
+  static_check_view<Exec, 1, Stats>();
+  static_assert(std::is_same_v<typename Logits::value_type, float> &&
+                    std::is_same_v<typename Stats::element_type, row_statistics>,
+                "infuse: row_stats reads float logits and writes row_statistics");
+  constexpr const char* call = "infuse::search::row_stats";
+  require_view(logits, call, "logits", {any_extent, any_extent});
+  require_view(stats, call, "stats", {{logits.extent(0), "logits.extent(0), the rows"}});
+}
 
 }  // namespace detail
 

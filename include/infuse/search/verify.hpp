@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "infuse/core/config.hpp"
 #include "infuse/core/error.hpp"
@@ -89,10 +90,12 @@ struct verify_result {
 
 namespace detail {
 
-// The rows of one request of a chain or a tree, as verify_walk reads them.
-template <class Space>
-struct chain_rows {
-  const chain_drafts<Space>* in;
+// The rows of one request of a chain or a tree, as verify_walk reads them: node v's draft token is
+// tokens(request, v - FirstToken), a chain's tokens holding d_1.. from node 1 on and a tree's
+// holding every node (the root's unused).
+template <class Drafts, std::int64_t FirstToken>
+struct request_rows {
+  const Drafts* in;
   std::int64_t request;
   INFUSE_HOST_DEVICE const float* target(std::int64_t v) const {
     return &in->target_probs(request, v, 0);
@@ -100,21 +103,15 @@ struct chain_rows {
   INFUSE_HOST_DEVICE const float* draft(std::int64_t v) const {
     return &in->draft_probs(request, v, 0);
   }
-  INFUSE_HOST_DEVICE std::int32_t token(std::int64_t v) const { return in->tokens(request, v - 1); }
+  INFUSE_HOST_DEVICE std::int32_t token(std::int64_t v) const {
+    return in->tokens(request, v - FirstToken);
+  }
 };
 
 template <class Space>
-struct tree_rows {
-  const tree_drafts<Space>* in;
-  std::int64_t request;
-  INFUSE_HOST_DEVICE const float* target(std::int64_t v) const {
-    return &in->target_probs(request, v, 0);
-  }
-  INFUSE_HOST_DEVICE const float* draft(std::int64_t v) const {
-    return &in->draft_probs(request, v, 0);
-  }
-  INFUSE_HOST_DEVICE std::int32_t token(std::int64_t v) const { return in->tokens(request, v); }
-};
+using chain_rows = request_rows<chain_drafts<Space>, 1>;
+template <class Space>
+using tree_rows = request_rows<tree_drafts<Space>, 0>;
 
 // Records emitted tokens (and, for a tree, the accepted nodes) of one request; `active` is false
 // in the threads of a CUDA block that only help with the passes.
@@ -167,6 +164,26 @@ struct verify_outcome {
   std::int32_t accepted;  // accepted draft tokens
   verify_status status;
 };
+
+// Sets the emitted tokens (and the accepted nodes, when out has them) of one request to -1.
+template <class Space>
+INFUSE_HOST_DEVICE void clear_emitted(const verify_result<Space>& out, std::int64_t request) {
+  const bool with_path = out.path.size() > 0;
+  for (std::int64_t k = 0; k < out.tokens.extent(1); ++k) {
+    out.tokens(request, k) = -1;
+    if (with_path) out.path(request, k) = -1;
+  }
+}
+
+// Writes the outcome of one request's walk: its accepted count and status, and on a bad status
+// clears what the walk emitted before it stopped.
+template <class Space>
+INFUSE_HOST_DEVICE void store_outcome(const verify_result<Space>& out, std::int64_t request,
+                                      const verify_outcome& outcome) {
+  if (outcome.status != verify_status::ok) clear_emitted(out, request);
+  out.accepted(request) = outcome.accepted;
+  out.status(request) = outcome.status;
+}
 
 // The walk shared by both backends and by the chain and the tree. `Rows` gives the rows of a node:
 //   target(v), draft(v): pointers to the vocab probabilities of node v,
@@ -289,30 +306,40 @@ struct sequential_row_ops {
 inline constexpr const char* verify_chain_call = "infuse::search::verify_chain";
 inline constexpr const char* verify_tree_call = "infuse::search::verify_tree";
 
-// The checks both verifications share: per-request arrays and outputs. `emitted` is the length of
-// an output token row, `vocab` the row length.
-template <class Space>
-void require_verify_common(const char* call, std::int64_t batch, std::int64_t emitted,
-                           const view<const std::uint64_t, 1, Space>& seeds,
-                           const view<const std::int64_t, 1, Space>& positions,
-                           const verify_result<Space>& out, bool with_path) {
-  require_view(seeds, call, "seeds", {{batch, "the batch"}}, stride_rule::any);
-  require_view(positions, call, "positions", {{batch, "the batch"}}, stride_rule::any);
-  require_view(out.accepted, call, "out.accepted", {{batch, "the batch"}}, stride_rule::any);
-  require_view(out.status, call, "out.status", {{batch, "the batch"}}, stride_rule::any);
-  require_view(out.tokens, call, "out.tokens", {{batch, "the batch"}, {emitted, "emitted tokens"}},
-               stride_rule::any);
-  if (with_path) {
-    require_view(out.path, call, "out.path", {{batch, "the batch"}, {emitted, "nodes"}},
-                 stride_rule::any);
-  }
-}
-
 struct verify_shape {
   std::int64_t batch;
   std::int64_t length;  // draft tokens (chain) or nodes (tree)
   std::int64_t vocab;
 };
+
+// The checks both verifications share, after their token arrays: the probability rows, with
+// `target_rows` rows per request (as many as the emitted tokens) and `draft_rows`, the per-request
+// arrays and the outputs (out.path for a tree only). Returns the vocab.
+template <acceptance Rule, class Drafts, class Space>
+std::int64_t require_rows_and_outputs(const char* call, const Drafts& in,
+                                      const verify_result<Space>& out, std::int64_t batch,
+                                      expected_extent target_rows, expected_extent draft_rows) {
+  require_view(in.target_probs, call, "in.target_probs",
+               {{batch, "the batch"}, target_rows, any_extent});
+  const std::int64_t vocab = in.target_probs.extent(2);
+  require(vocab > 0 || batch == 0, call, "in.target_probs.extent(2)", vocab, "a positive vocab");
+  if constexpr (Rule == acceptance::sampled) {
+    require_view(in.draft_probs, call, "in.draft_probs",
+                 {{batch, "the batch"}, draft_rows, {vocab, "vocab"}});
+  }
+  const std::int64_t emitted = target_rows.value;
+  require_view(in.seeds, call, "seeds", {{batch, "the batch"}}, stride_rule::any);
+  require_view(in.positions, call, "positions", {{batch, "the batch"}}, stride_rule::any);
+  require_view(out.accepted, call, "out.accepted", {{batch, "the batch"}}, stride_rule::any);
+  require_view(out.status, call, "out.status", {{batch, "the batch"}}, stride_rule::any);
+  require_view(out.tokens, call, "out.tokens", {{batch, "the batch"}, {emitted, "emitted tokens"}},
+               stride_rule::any);
+  if constexpr (std::is_same_v<Drafts, tree_drafts<Space>>) {
+    require_view(out.path, call, "out.path", {{batch, "the batch"}, {emitted, "nodes"}},
+                 stride_rule::any);
+  }
+  return vocab;
+}
 
 template <acceptance Rule, class Space>
 verify_shape require_chain(const chain_drafts<Space>& in, const verify_result<Space>& out) {
@@ -320,16 +347,9 @@ verify_shape require_chain(const chain_drafts<Space>& in, const verify_result<Sp
   const std::int64_t batch = in.tokens.extent(0);
   const std::int64_t n = in.tokens.extent(1);
   require_view(in.tokens, call, "in.tokens", {any_extent, any_extent}, stride_rule::any);
-  require_view(in.target_probs, call, "in.target_probs",
-               {{batch, "the batch"}, {n + 1, "draft tokens + 1"}, any_extent});
-  const std::int64_t vocab = in.target_probs.extent(2);
-  require(vocab > 0 || batch == 0, call, "in.target_probs.extent(2)", vocab, "a positive vocab");
-  if constexpr (Rule == acceptance::sampled) {
-    require_view(in.draft_probs, call, "in.draft_probs",
-                 {{batch, "the batch"}, {n, "draft tokens"}, {vocab, "vocab"}});
-  }
-  require_verify_common(call, batch, n + 1, in.seeds, in.positions, out, false);
-  return {batch, n, vocab};
+  return {batch, n,
+          require_rows_and_outputs<Rule>(call, in, out, batch, {n + 1, "draft tokens + 1"},
+                                         {n, "draft tokens"})};
 }
 
 template <acceptance Rule, class Space>
@@ -341,16 +361,9 @@ verify_shape require_tree(const tree_drafts<Space>& in, const verify_result<Spac
   require(nodes > 0 || batch == 0, call, "in.parents.extent(1)", nodes, "at least the root");
   require_view(in.tokens, call, "in.tokens", {{batch, "the batch"}, {nodes, "nodes"}},
                stride_rule::any);
-  require_view(in.target_probs, call, "in.target_probs",
-               {{batch, "the batch"}, {nodes, "nodes"}, any_extent});
-  const std::int64_t vocab = in.target_probs.extent(2);
-  require(vocab > 0 || batch == 0, call, "in.target_probs.extent(2)", vocab, "a positive vocab");
-  if constexpr (Rule == acceptance::sampled) {
-    require_view(in.draft_probs, call, "in.draft_probs",
-                 {{batch, "the batch"}, {nodes, "nodes"}, {vocab, "vocab"}});
-  }
-  require_verify_common(call, batch, nodes, in.seeds, in.positions, out, true);
-  return {batch, nodes, vocab};
+  return {batch, nodes,
+          require_rows_and_outputs<Rule>(call, in, out, batch, {nodes, "nodes"},
+                                         {nodes, "nodes"})};
 }
 
 }  // namespace detail

@@ -19,24 +19,12 @@ template <acceptance Rule, class Children, class Rows, class Space>
 void verify_request(const Children& children, const Rows& rows, std::int64_t vocab,
                     std::uint64_t seed, std::int64_t position, const verify_result<Space>& out,
                     std::int64_t request) {
-  const std::int64_t emitted = out.tokens.extent(1);
-  const bool with_path = out.path.size() > 0;
-  for (std::int64_t k = 0; k < emitted; ++k) {
-    out.tokens(request, k) = -1;
-    if (with_path) out.path(request, k) = -1;
-  }
+  clear_emitted(out, request);
   const emit_into<host_memory> emit{&out, request, true};
   const verify_outcome outcome =
       verify_walk<Rule == acceptance::greedy>(children, rows, sequential_row_ops{vocab}, vocab,
                                               seed, static_cast<std::uint64_t>(position), emit);
-  if (outcome.status != verify_status::ok) {
-    for (std::int64_t k = 0; k < emitted; ++k) {
-      out.tokens(request, k) = -1;
-      if (with_path) out.path(request, k) = -1;
-    }
-  }
-  out.accepted(request) = outcome.accepted;
-  out.status(request) = outcome.status;
+  store_outcome(out, request, outcome);
 }
 
 }  // namespace detail

@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 
-#include "infuse/core/concepts.hpp"
 #include "infuse/core/view.hpp"
 #include "infuse/exec/cuda.cuh"
 #include "infuse/search/row_stats.hpp"
@@ -47,14 +46,7 @@ __global__ void __launch_bounds__(row_stats_block) row_stats_kernel(Logits logit
 // exec's stream.
 template <class Logits, class Stats>
 void row_stats(const exec::cuda& exec, Logits logits, Stats stats) {
-  static_check_view<exec::cuda, 2, Logits>();
-  static_check_view<exec::cuda, 1, Stats>();
-  static_assert(std::is_same_v<typename Logits::value_type, float> &&
-                    std::is_same_v<typename Stats::element_type, row_statistics>,
-                "infuse: row_stats reads float logits and writes row_statistics");
-  constexpr const char* call = "infuse::search::row_stats";
-  require_view(logits, call, "logits", {any_extent, any_extent});
-  require_view(stats, call, "stats", {{logits.extent(0), "logits.extent(0), the rows"}});
+  detail::require_row_stats<exec::cuda>(logits, stats);
   if (logits.extent(0) == 0) return;
   exec.launch(detail::row_stats_kernel<view<const float, 2, device_memory>,
                                        view<row_statistics, 1, device_memory>>,

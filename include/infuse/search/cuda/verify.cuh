@@ -135,28 +135,12 @@ __device__ void verify_block_request(const Children& children, const Rows& rows,
                                      const verify_result<device_memory>& out,
                                      std::int64_t request) {
   __shared__ block_row_ops_storage shared;
-  const std::int64_t emitted = out.tokens.extent(1);
-  const bool with_path = out.path.size() > 0;
-  if (threadIdx.x == 0) {
-    for (std::int64_t k = 0; k < emitted; ++k) {
-      out.tokens(request, k) = -1;
-      if (with_path) out.path(request, k) = -1;
-    }
-  }
+  if (threadIdx.x == 0) clear_emitted(out, request);
   const emit_into<device_memory> emit{&out, request, threadIdx.x == 0};
   const verify_outcome outcome =
       verify_walk<Rule == acceptance::greedy>(children, rows, block_row_ops{vocab, &shared}, vocab,
                                               seed, static_cast<std::uint64_t>(position), emit);
-  if (threadIdx.x == 0) {
-    if (outcome.status != verify_status::ok) {
-      for (std::int64_t k = 0; k < emitted; ++k) {
-        out.tokens(request, k) = -1;
-        if (with_path) out.path(request, k) = -1;
-      }
-    }
-    out.accepted(request) = outcome.accepted;
-    out.status(request) = outcome.status;
-  }
+  if (threadIdx.x == 0) store_outcome(out, request, outcome);
 }
 
 template <acceptance Rule>
