@@ -5,13 +5,16 @@
 // smoke filter: ^gemv\.(int4_g128|anchor_openblas)/n:4096/k:4096/batch:1/
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
 #include <random>
 #include <string>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #if defined(INFUSE_BENCH_HAVE_OPENBLAS)
@@ -64,26 +67,36 @@ std::vector<float> random_input(std::int64_t count) {
   return x;
 }
 
-// Rows 0, n/2 and n-1 of y against a float64 dot product of the dequantized weights.
+// Rows 0, n/2 and n-1 of y against a float64 dot product of the dequantized weights. With
+// int8_x, within what the int8 rounding of x allows: |W(n,k)| times half x's step per input.
 template <class Row>
 bool spot_check(std::int64_t rows, std::int64_t cols, std::int64_t batch, const float* x,
-                const float* y, Row&& weight) {
+                const float* y, Row&& weight, bool int8_x = false) {
   for (const std::int64_t n : {std::int64_t{0}, rows / 2, rows - 1}) {
     for (std::int64_t b = 0; b < batch; b += std::max<std::int64_t>(1, batch - 1)) {
       double sum = 0.0;
       double magnitude = 0.0;
+      double x_rounding = 0.0;
       for (std::int64_t k = 0; k < cols; ++k) {
         sum += double(weight(n, k)) * x[b * cols + k];
         magnitude += std::fabs(double(weight(n, k)) * x[b * cols + k]);
+        if (int8_x) {
+          double amax = 0.0;
+          for (std::int64_t j = k / 32 * 32; j < k / 32 * 32 + 32; ++j) {
+            amax = std::max(amax, std::fabs(double(x[b * cols + j])));
+          }
+          x_rounding += std::fabs(double(weight(n, k))) * amax / 254.0;
+        }
       }
-      if (std::fabs(y[b * rows + n] - sum) > 1e-5 * magnitude) return false;
+      if (std::fabs(y[b * rows + n] - sum) > 1e-5 * magnitude + 1.001 * x_rounding) return false;
     }
   }
   return true;
 }
 
-template <class S>
+template <class S, class Activations>
 void gemv_quantized(benchmark::State& state) {
+  constexpr bool int8_x = std::is_same_v<Activations, infuse::gemm::int8_activations>;
   const std::int64_t rows = state.range(0);
   const std::int64_t cols = state.range(1);
   const std::int64_t batch = state.range(2);
@@ -93,13 +106,19 @@ void gemv_quantized(benchmark::State& state) {
   const infuse::exec::cpu exec;
   const host_view<const float, 2> xv(x.data(), {batch, cols});
   const host_view<float, 2> yv(y.data(), {batch, rows});
+  // The int8 activations' workspace, allocated once, outside the timed loop.
+  std::vector<std::byte> workspace(
+      int8_x ? static_cast<std::size_t>(infuse::gemm::int8_workspace_bytes(batch, cols)) : 0);
+  Activations activations{};
+  if constexpr (int8_x) activations = {workspace.data(), std::int64_t(workspace.size())};
   for (auto _ : state) {
-    infuse::gemv(exec, q.view(), xv, yv);
+    infuse::gemv(exec, q.view(), xv, yv, {}, activations);
     benchmark::ClobberMemory();
   }
   const auto w = q.view();
-  if (!spot_check(rows, cols, batch, x.data(), y.data(),
-                  [&](std::int64_t n, std::int64_t k) { return w(n, k); })) {
+  if (!spot_check(
+          rows, cols, batch, x.data(), y.data(),
+          [&](std::int64_t n, std::int64_t k) { return w(n, k); }, int8_x)) {
     bench::report_error(state, "y differs from the float64 dot product");
   }
   bench::set_bytes(state, double(q.bytes()) + 4.0 * double(batch * (rows + cols)),
@@ -148,10 +167,17 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->UseRealTime();
 }
 
+// gemv.SCHEME: float activations; gemv.SCHEME_xint8: x quantized to int8 per block of 32.
 template <class S>
 void register_scheme() {
-  benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(), gemv_quantized<S>)
+  benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(),
+                               gemv_quantized<S, infuse::gemm::float_activations>)
       ->Apply(shapes);
+  if constexpr (infuse::gemm::detail::is_integer_scheme<S>) {
+    benchmark::RegisterBenchmark((std::string("gemv.") + S::name + "_xint8").c_str(),
+                                 gemv_quantized<S, infuse::gemm::int8_activations>)
+        ->Apply(shapes);
+  }
 }
 
 const bool registered = [] {

@@ -8,9 +8,24 @@
 // them, so W is read from memory once per call. The arguments are checked first, on the host,
 // and nothing is written when one is wrong (infuse::error names it).
 //
+// Fused epilogue (gemv_options): y = act(W x + bias) + residual, per output, in the same pass.
+// gated_gemv computes y = gate(W_gate x) * (W_up x) (SwiGLU with act::silu, GeGLU with act::gelu)
+// reading both weights in one pass: row n of both in turn, x read once for the two.
+//
+// Activations: float by default. With gemm::int8_activations{workspace, bytes} as the last
+// argument (integer schemes, CPU), x is quantized once per call to int8 per block of 32 inputs
+// into the caller's workspace (gemm::int8_workspace_bytes(batch, k) bytes; nothing is allocated)
+// and the products are integer dot products of the codes with x's int8:
+//   s_b = max_{k in b} |x_k| / 127,  q_k = round_half_even(x_k / s_b)  (float ops; 0 when s_b = 0)
+//   y_n = sum_g scale_g * (sum_{b in g} s_b * dot(u, q)_b  -  zero_g * sum_{b in g} s_b * sum(q)_b)
+// Error: exact (int32 block dots) up to float summation against the float64 product of the
+// dequantized weights with the dequantized x (s_b q_k); against float x it adds at most
+// sum_k |W(n,k)| * s_b(k) / 2, the rounding of x. x must be finite.
+//
 // The bodies: gemm/cpu/gemv.hpp (exec::cpu); the CUDA body goes to gemm/cuda/.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -18,21 +33,68 @@
 #include "infuse/core/concepts.hpp"
 #include "infuse/core/error.hpp"
 #include "infuse/core/view.hpp"
+#include "infuse/quant/int.hpp"
 #include "infuse/quant/matrix.hpp"
 #include "infuse/quant/scheme.hpp"
 
 namespace infuse::gemm {
 
-// Run-time options of a product (the epilogues join here).
-struct gemv_options {};
+// Activation functions of the epilogue and of the gate of gated_gemv.
+enum class act {
+  none,
+  silu,  // v * sigmoid(v)
+  gelu,  // v * Phi(v), the exact (erf) form
+};
+
+INFUSE_HOST_DEVICE INFUSE_FORCE_INLINE float apply(act function, float v) {
+  switch (function) {
+    case act::silu:
+      return v / (1.0f + ::expf(-v));
+    case act::gelu:
+      return 0.5f * v * (1.0f + ::erff(v * 0.70710678118654752f));
+    default:
+      return v;
+  }
+}
+
+// Run-time options of a product: the fused epilogue y = activation(W x + bias) + residual.
+// Pointers are in the memory space of w; residual may be y itself (y += W x).
+struct gemv_options {
+  const float* bias = nullptr;       // (n), added to every batch row; not with gated_gemv
+  act activation = act::none;        // after the bias; gated_gemv takes its gate separately
+  const float* residual = nullptr;   // (batch,n) with row stride residual_stride, added last
+  std::int64_t residual_stride = 0;  // 0: n
+};
+
+// Activation policies, the last argument of gemv and gated_gemv (a compile-time choice).
+struct float_activations {};
+// x quantized to int8 per block of 32 (see above); the workspace is the caller's, at least
+// int8_workspace_bytes(batch, k) bytes, 4-byte aligned, not shared with a concurrent call.
+struct int8_activations {
+  void* workspace = nullptr;
+  std::int64_t bytes = 0;
+};
+
+// Bytes of workspace the int8 activations of a (batch, k) x need: int8 codes, scales and group
+// sums per batch row, plus slack to align them.
+constexpr std::int64_t int8_workspace_bytes(std::int64_t batch, std::int64_t k) {
+  const std::int64_t padded_k = (k + 127) / 128 * 128;
+  return 64 + batch * (2 * padded_k + padded_k / 8);
+}
 
 namespace detail {
 
 template <class T>
 inline constexpr bool always_false = false;
 
-// One specialization per backend holds its kernel body: run(exec, w, x, y, options), arguments
-// already checked.
+template <class S>
+inline constexpr bool is_integer_scheme = false;
+template <int Bits, int Group, class Zero>
+inline constexpr bool is_integer_scheme<quant::int_<Bits, Group, Zero>> = true;
+
+// One specialization per backend holds its kernel body: run(exec, w, x, y, options) for float
+// activations and no gate; run_fused(exec, w, w_up, x, y, options, gate, activations) for
+// gated_gemv (w_up non-null) and int8 activations; arguments already checked.
 template <class Exec>
 struct gemv_body {
   static_assert(always_false<Exec>,
@@ -67,21 +129,101 @@ void check_gemv_arguments(const quant::matrix<S, Space>& w, const view<const flo
           static_cast<const void*>(y.data()), "a pointer aligned to 4 bytes");
 }
 
-// y(b, n) = sum_k W(n, k) x(b, k): w (n,k), x (batch,k), y (batch,n); x and y need a contiguous
-// last dimension, any row stride.
-template <class Exec, class S, class Space>
+// The host checks of the epilogue and of int8 activations.
+template <class S, class Space, class Activations>
+void check_fused_arguments(const quant::matrix<S, Space>&, std::int64_t batch, std::int64_t n,
+                           std::int64_t k, const gemv_options& options,
+                           const Activations& activations, std::string_view call) {
+  if (options.residual != nullptr) {
+    require(options.residual_stride == 0 || options.residual_stride >= n, call,
+            "options.residual_stride", options.residual_stride, "0 or at least n");
+    require(reinterpret_cast<std::uintptr_t>(options.residual) % alignof(float) == 0, call,
+            "options.residual", static_cast<const void*>(options.residual),
+            "a pointer aligned to 4 bytes");
+  }
+  if (options.bias != nullptr) {
+    require(reinterpret_cast<std::uintptr_t>(options.bias) % alignof(float) == 0, call,
+            "options.bias", static_cast<const void*>(options.bias), "a pointer aligned to 4 bytes");
+  }
+  require(options.activation == act::none || options.activation == act::silu ||
+              options.activation == act::gelu,
+          call, "options.activation", static_cast<int>(options.activation),
+          "act::none, act::silu or act::gelu");
+  if constexpr (std::is_same_v<Activations, int8_activations>) {
+    require(activations.workspace != nullptr, call, "activations.workspace", activations.workspace,
+            "a pointer to int8_workspace_bytes(batch, k) bytes");
+    require(reinterpret_cast<std::uintptr_t>(activations.workspace) % alignof(float) == 0, call,
+            "activations.workspace", activations.workspace, "a pointer aligned to 4 bytes");
+    require(activations.bytes >= int8_workspace_bytes(batch, k), call, "activations.bytes",
+            activations.bytes,
+            "at least int8_workspace_bytes(batch, k) = " +
+                std::to_string(int8_workspace_bytes(batch, k)));
+  }
+}
+
+template <class S, class Activations>
+constexpr void static_check_activations() {
+  static_assert(std::is_same_v<Activations, float_activations> ||
+                    std::is_same_v<Activations, int8_activations>,
+                "infuse: gemv takes gemm::float_activations or gemm::int8_activations as its "
+                "activation policy; see docs/policies.md#quantized-gemv");
+  static_assert(std::is_same_v<Activations, float_activations> || detail::is_integer_scheme<S>,
+                "infuse: gemm::int8_activations needs an integer scheme (quant::int_) for its "
+                "integer dot products; see docs/policies.md#quantized-gemv");
+}
+
+// y(b, n) = sum_k W(n, k) x(b, k), then the epilogue of `options`: w (n,k), x (batch,k),
+// y (batch,n); x and y need a contiguous last dimension, any row stride.
+template <class Exec, class S, class Space, class Activations = float_activations>
 void gemv(const Exec& exec, const quant::matrix<S, Space>& w,
           std::type_identity_t<view<const float, 2, Space>> x,  // (batch,k)
           std::type_identity_t<view<float, 2, Space>> y,        // (batch,n)
-          const gemv_options& options = {}) {
+          const gemv_options& options = {}, Activations activations = {}) {
   quant::static_check_scheme<S>();
   static_check_view<Exec, 2, view<const float, 2, Space>>();
+  static_check_activations<S, Activations>();
   check_gemv_arguments(w, x, y);
-  detail::gemv_body<Exec>::run(exec, w, x, y, options);
+  if constexpr (std::is_same_v<Activations, float_activations>) {
+    if (options.bias == nullptr && options.residual == nullptr && options.activation == act::none) {
+      detail::gemv_body<Exec>::run(exec, w, x, y, options);
+      return;
+    }
+  }
+  check_fused_arguments(w, x.extent(0), w.rows, w.cols, options, activations, "infuse::gemv");
+  detail::gemv_body<Exec>::run_fused(exec, w, static_cast<const quant::matrix<S, Space>*>(nullptr),
+                                     x, y, options, act::none, activations);
+}
+
+// y(b, n) = gate((W_gate x)(b, n)) * (W_up x)(b, n) + residual, both weights in one pass:
+// w_gate and w_up (n,k) of the same scheme, x (batch,k), y (batch,n). gate is act::silu (SwiGLU),
+// act::gelu (GeGLU) or act::none (bilinear); options.bias and options.activation must be unset.
+template <class Exec, class S, class Space, class Activations = float_activations>
+void gated_gemv(const Exec& exec, const quant::matrix<S, Space>& w_gate,
+                const quant::matrix<S, Space>& w_up,
+                std::type_identity_t<view<const float, 2, Space>> x,  // (batch,k)
+                std::type_identity_t<view<float, 2, Space>> y,        // (batch,n)
+                act gate, const gemv_options& options = {}, Activations activations = {}) {
+  constexpr std::string_view call = "infuse::gated_gemv";
+  quant::static_check_scheme<S>();
+  static_check_view<Exec, 2, view<const float, 2, Space>>();
+  static_check_activations<S, Activations>();
+  check_gemv_arguments(w_gate, x, y);
+  quant::require_matrix(w_up, call, "w_up");
+  require(w_up.rows == w_gate.rows, call, "w_up.rows", w_up.rows, "the rows of w_gate");
+  require(w_up.cols == w_gate.cols, call, "w_up.cols", w_up.cols, "the columns of w_gate");
+  require(gate == act::none || gate == act::silu || gate == act::gelu, call, "gate",
+          static_cast<int>(gate), "act::none, act::silu or act::gelu");
+  require(options.bias == nullptr, call, "options.bias", static_cast<const void*>(options.bias),
+          "null (gated_gemv has no bias)");
+  require(options.activation == act::none, call, "options.activation",
+          static_cast<int>(options.activation), "act::none (the gate is its own argument)");
+  check_fused_arguments(w_gate, x.extent(0), w_gate.rows, w_gate.cols, options, activations, call);
+  detail::gemv_body<Exec>::run_fused(exec, w_gate, &w_up, x, y, options, gate, activations);
 }
 
 }  // namespace infuse::gemm
 
 namespace infuse {
+using gemm::gated_gemv;
 using gemm::gemv;
 }  // namespace infuse

@@ -68,7 +68,8 @@ struct int_layout {
     }
   }
 
-  static void pack(const std::uint32_t (&codes)[block_size], std::uint8_t* block) {
+  INFUSE_HOST_DEVICE static void pack(const std::uint32_t (&codes)[block_size],
+                                      std::uint8_t* block) {
     for (int b = 0; b < block_bytes; ++b) block[b] = 0;
     for (int j = 0; j < block_size; ++j) {
       const std::uint32_t u = codes[j];
@@ -144,6 +145,13 @@ struct int_ {
       lo = std::fmin(lo, values[i]);
       hi = std::fmax(hi, values[i]);
     }
+    return fit_range(lo, hi, clip);
+  }
+
+  // The fit from the group's range (lo = min(w, 0), hi = max(w, 0)), shared with the device
+  // quantization (quant/cuda/quantize.cuh), which reduces the range in parallel: min and max do
+  // not depend on the order, so both give the same bits.
+  INFUSE_HOST_DEVICE static stored_group<int_> fit_range(float lo, float hi, float clip) {
     stored_group<int_> stored{};
     if constexpr (has_zero) {
       lo *= clip;
@@ -166,7 +174,8 @@ struct int_ {
     return static_cast<std::uint32_t>(detail::clamp_int(u, 0, int(max_code)));
   }
 
-  static void pack(const std::uint32_t (&codes)[block_size], std::uint8_t* block) {
+  INFUSE_HOST_DEVICE static void pack(const std::uint32_t (&codes)[block_size],
+                                      std::uint8_t* block) {
     detail::int_layout<Bits>::pack(codes, block);
   }
 };
