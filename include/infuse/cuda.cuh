@@ -2,4 +2,11 @@
 #pragma once
 
 #include "infuse/exec/cuda.cuh"
+#include "infuse/gemm/cuda/gemv.cuh"
 #include "infuse/infuse.hpp"
+#include "infuse/quant/cuda/quantize.cuh"
+#include "infuse/search/cuda/beam.cuh"
+#include "infuse/search/cuda/particles.cuh"
+#include "infuse/search/cuda/row_stats.cuh"
+#include "infuse/search/cuda/sample.cuh"
+#include "infuse/search/cuda/verify.cuh"
