@@ -14,6 +14,8 @@
 #include "infuse/exec/cpu.hpp"
 #include "infuse/gemm/cpu/gemv.hpp"
 #include "infuse/gemm/gemv.hpp"
+#include "infuse/kv/layout.hpp"
+#include "infuse/kv/page_pool.hpp"
 #include "infuse/quant/quant.hpp"
 #include "infuse/search/beam.hpp"
 #include "infuse/search/cpu/beam.hpp"
