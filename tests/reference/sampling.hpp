@@ -6,9 +6,9 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
-#include <functional>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <numeric>
 #include <vector>
 
@@ -52,7 +52,8 @@ inline std::vector<double> adjusted_logits(const sampling_case& c) {
 inline std::vector<std::int32_t> by_decreasing_logit(const std::vector<double>& a) {
   std::vector<std::int32_t> order(a.size());
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](std::int32_t x, std::int32_t y) { return a[x] > a[y]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](std::int32_t x, std::int32_t y) { return a[x] > a[y]; });
   return order;
 }
 
@@ -204,7 +205,8 @@ inline exact_draw exact_sample(const sampling_case& c, std::uint64_t random) {
     }
   }
   // Decreasing adjusted logit, ties by id.
-  std::stable_sort(tokens.begin(), tokens.end(), [&](std::int32_t x, std::int32_t y) { return a[x] > a[y]; });
+  std::stable_sort(tokens.begin(), tokens.end(),
+                   [&](std::int32_t x, std::int32_t y) { return a[x] > a[y]; });
   std::vector<std::int32_t> kept;
   const auto k = static_cast<std::int64_t>(c.top_k);
   const float kth = k > 0 && k < std::int64_t(tokens.size()) ? a[tokens[k - 1]] : -INFINITY;
@@ -257,3 +259,34 @@ inline exact_draw exact_sample(const sampling_case& c, std::uint64_t random) {
 }
 
 }  // namespace infuse::reference
+
+// The filter combinations the sampling tests cover, on either backend.
+namespace infuse::reference::filter_sets {
+
+using infuse::search::filters;
+namespace filter = infuse::search::filter;
+
+using t_only = filters<filter::temperature>;
+using k_only = filters<filter::temperature, filter::top_k>;
+using p_only = filters<filter::temperature, filter::top_p>;
+using k_and_p = filters<filter::top_k, filter::top_p, filter::temperature>;
+using m_only = filters<filter::min_p>;
+using k_p_m = filters<filter::temperature, filter::top_k, filter::top_p, filter::min_p>;
+using masked = filters<filter::token_bitmask, filter::top_p>;
+using penalized = filters<filter::penalties, filter::temperature>;
+using biased = filters<filter::logit_bias, filter::top_k>;
+using everything = filters<filter::temperature, filter::top_k, filter::top_p, filter::min_p,
+                           filter::token_bitmask, filter::penalties, filter::logit_bias>;
+
+}  // namespace infuse::reference::filter_sets
+
+TYPE_TO_STRING_AS("temperature", infuse::reference::filter_sets::t_only);
+TYPE_TO_STRING_AS("top_k", infuse::reference::filter_sets::k_only);
+TYPE_TO_STRING_AS("top_p", infuse::reference::filter_sets::p_only);
+TYPE_TO_STRING_AS("top_k+top_p", infuse::reference::filter_sets::k_and_p);
+TYPE_TO_STRING_AS("min_p", infuse::reference::filter_sets::m_only);
+TYPE_TO_STRING_AS("top_k+top_p+min_p", infuse::reference::filter_sets::k_p_m);
+TYPE_TO_STRING_AS("bitmask+top_p", infuse::reference::filter_sets::masked);
+TYPE_TO_STRING_AS("penalties", infuse::reference::filter_sets::penalized);
+TYPE_TO_STRING_AS("bias+top_k", infuse::reference::filter_sets::biased);
+TYPE_TO_STRING_AS("all filters", infuse::reference::filter_sets::everything);

@@ -20,6 +20,7 @@
 namespace {
 
 namespace s = infuse::search;
+using namespace infuse::reference::filter_sets;
 using infuse::device_buffer;
 using infuse::device_memory;
 using infuse::reference::sampling_case;
@@ -45,7 +46,8 @@ sampling_case random_case(infuse::test::seeded_rng& rng, std::int64_t vocab, int
   if constexpr (Set::template has<s::filter::top_k>) {
     c.top_k = rng.uniform() < 0.5 ? 50 : rng.integer(-1, vocab + 10);
   }
-  if constexpr (Set::template has<s::filter::top_p>) c.top_p = rng.uniform() < 0.1 ? 1.0 : rng.uniform(0.05, 0.99);
+  if constexpr (Set::template has<s::filter::top_p>)
+    c.top_p = rng.uniform() < 0.1 ? 1.0 : rng.uniform(0.05, 0.99);
   if constexpr (Set::template has<s::filter::min_p>) c.min_p = rng.uniform(0.0, 0.2);
   if constexpr (Set::template has<s::filter::token_bitmask>) {
     c.bitmask.resize(std::size_t((vocab + 31) / 32));
@@ -96,7 +98,8 @@ struct device_batch {
 
   device_batch(infuse::test::seeded_rng& rng, const std::vector<sampling_case>& cases,
                std::int64_t per_request)
-      : requests(std::ssize(cases)), rows(requests * per_request),
+      : requests(std::ssize(cases)),
+        rows(requests * per_request),
         vocab(std::ssize(cases.front().logits)) {
     std::vector<float> all_logits, temps, ps, mins, pres, freqs, reps, biases;
     std::vector<std::int32_t> ks, p_offsets{0}, p_tokens, p_counts, b_offsets{0}, b_tokens;
@@ -149,10 +152,11 @@ struct device_batch {
     token = device_buffer<std::int32_t>(rows);
     logprob = device_buffer<float>(rows);
     status = device_buffer<s::row_status>(rows);
-    workspace = device_buffer<std::byte>(
-        s::sample_workspace_bytes<Set>(infuse::exec::cuda{}, rows, vocab));
+    workspace =
+        device_buffer<std::byte>(s::sample_workspace_bytes<Set>(infuse::exec::cuda{}, rows, vocab));
     params.seed = d_seed.as_view();
-    if constexpr (Set::template has<s::filter::temperature>) params.temperature = temperature.as_view();
+    if constexpr (Set::template has<s::filter::temperature>)
+      params.temperature = temperature.as_view();
     if constexpr (Set::template has<s::filter::top_k>) params.top_k = top_k.as_view();
     if constexpr (Set::template has<s::filter::top_p>) params.top_p = top_p.as_view();
     if constexpr (Set::template has<s::filter::min_p>) params.min_p = min_p.as_view();
@@ -188,32 +192,7 @@ struct device_batch {
   }
 };
 
-using t_only = s::filters<s::filter::temperature>;
-using k_only = s::filters<s::filter::temperature, s::filter::top_k>;
-using p_only = s::filters<s::filter::temperature, s::filter::top_p>;
-using k_and_p = s::filters<s::filter::top_k, s::filter::top_p, s::filter::temperature>;
-using m_only = s::filters<s::filter::min_p>;
-using k_p_m = s::filters<s::filter::temperature, s::filter::top_k, s::filter::top_p,
-                         s::filter::min_p>;
-using masked = s::filters<s::filter::token_bitmask, s::filter::top_p>;
-using penalized = s::filters<s::filter::penalties, s::filter::temperature>;
-using biased = s::filters<s::filter::logit_bias, s::filter::top_k>;
-using everything = s::filters<s::filter::temperature, s::filter::top_k, s::filter::top_p,
-                              s::filter::min_p, s::filter::token_bitmask, s::filter::penalties,
-                              s::filter::logit_bias>;
-
 }  // namespace
-
-TYPE_TO_STRING_AS("temperature", t_only);
-TYPE_TO_STRING_AS("top_k", k_only);
-TYPE_TO_STRING_AS("top_p", p_only);
-TYPE_TO_STRING_AS("top_k+top_p", k_and_p);
-TYPE_TO_STRING_AS("min_p", m_only);
-TYPE_TO_STRING_AS("top_k+top_p+min_p", k_p_m);
-TYPE_TO_STRING_AS("bitmask+top_p", masked);
-TYPE_TO_STRING_AS("penalties", penalized);
-TYPE_TO_STRING_AS("bias+top_k", biased);
-TYPE_TO_STRING_AS("all filters", everything);
 
 TEST_CASE_TEMPLATE("search::sample on CUDA matches the exact definition bit for bit", Set, t_only,
                    k_only, p_only, k_and_p, m_only, k_p_m, masked, penalized, biased, everything) {
@@ -232,8 +211,8 @@ TEST_CASE_TEMPLATE("search::sample on CUDA matches the exact definition bit for 
     for (std::int64_t r = 0; r < b.rows; ++r) {
       const std::int32_t q = b.request[std::size_t(r)];
       const auto want = infuse::reference::exact_sample(
-          cases[std::size_t(q)],
-          s::detail::sample_bits(b.seed[std::size_t(q)], std::uint64_t(b.position[std::size_t(r)])));
+          cases[std::size_t(q)], s::detail::sample_bits(b.seed[std::size_t(q)],
+                                                        std::uint64_t(b.position[std::size_t(r)])));
       INFO("vocab " << vocab << ", row " << r << ", request " << q);
       REQUIRE(int(status[std::size_t(r)]) == want.status);
       REQUIRE(token[std::size_t(r)] == want.token);
@@ -249,7 +228,7 @@ TEST_CASE("search::sample on CUDA: NaN, no allowed token, +inf, greedy rows, top
   const std::int64_t vocab = 3000;
   std::vector<sampling_case> cases(5);
   for (auto& c : cases) c = random_case<set>(rng, vocab, 0);
-  cases[0].logits[1234] = NAN;                       // nan_logits
+  cases[0].logits[1234] = NAN;                                      // nan_logits
   std::fill(cases[1].bitmask.begin(), cases[1].bitmask.end(), 0u);  // nothing allowed
   std::fill(cases[2].logits.begin(), cases[2].logits.end(), -INFINITY);
   cases[3].logits[17] = cases[3].logits[2900] = INFINITY;  // uniform over the allowed +inf
@@ -306,9 +285,9 @@ TEST_CASE("search::sample on CUDA flags parameter values it reads on the device"
   using set = s::filters<s::filter::temperature, s::filter::top_p, s::filter::penalties>;
   std::vector<sampling_case> cases(4);
   for (auto& c : cases) c = random_case<set>(rng, 500, 0);
-  cases[0].top_p = 0.0;        // outside (0, 1]
+  cases[0].top_p = 0.0;         // outside (0, 1]
   cases[1].temperature = -1.0;  // negative
-  cases[2].repetition = 0.0;   // not > 0
+  cases[2].repetition = 0.0;    // not > 0
   device_batch<set> b(rng, cases, 2);
   b.run();
   const auto status = b.status.to_host();
@@ -386,8 +365,8 @@ TEST_CASE("search::greedy on CUDA: the lowest-id maximum, NaN and -inf rows") {
     device_buffer<s::row_status> status(rows);
     const infuse::exec::cuda exec;
     s::greedy(exec, d_logits.as_view({rows, vocab}),
-              s::sample_outputs<device_memory>{token.as_view(), logprob.as_view(),
-                                               status.as_view(), {}, {}});
+              s::sample_outputs<device_memory>{
+                  token.as_view(), logprob.as_view(), status.as_view(), {}, {}});
     exec.synchronize();
     const auto got = token.to_host();
     const auto got_status = status.to_host();
@@ -401,9 +380,9 @@ TEST_CASE("search::greedy on CUDA: the lowest-id maximum, NaN and -inf rows") {
         nan = nan || std::isnan(x[t]);
         if (x[t] > x[best]) best = std::int32_t(t);
       }
-      const s::row_status want = nan                      ? s::row_status::nan_logits
+      const s::row_status want = nan                    ? s::row_status::nan_logits
                                  : x[best] == -INFINITY ? s::row_status::no_token_allowed
-                                                          : s::row_status::ok;
+                                                        : s::row_status::ok;
       CHECK(got_status[std::size_t(r)] == want);
       CHECK(got[std::size_t(r)] == (want == s::row_status::ok ? best : 0));
       if (want == s::row_status::ok) CHECK(got_logprob[std::size_t(r)] == 0.0f);

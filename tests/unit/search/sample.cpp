@@ -19,6 +19,7 @@
 namespace {
 
 namespace s = infuse::search;
+using namespace infuse::reference::filter_sets;
 using infuse::host_memory;
 using infuse::host_view;
 using infuse::reference::sampling_case;
@@ -64,7 +65,8 @@ struct batch {
     bias_values = c.bias_values;
     bias_offsets = {0, std::int32_t(bias_tokens.size())};
     params.seed = {seed.data(), {1}};
-    if constexpr (Set::template has<s::filter::temperature>) params.temperature = {temperature.data(), {1}};
+    if constexpr (Set::template has<s::filter::temperature>)
+      params.temperature = {temperature.data(), {1}};
     if constexpr (Set::template has<s::filter::top_k>) params.top_k = {top_k.data(), {1}};
     if constexpr (Set::template has<s::filter::top_p>) params.top_p = {top_p.data(), {1}};
     if constexpr (Set::template has<s::filter::min_p>) params.min_p = {min_p.data(), {1}};
@@ -163,41 +165,15 @@ sampling_case random_case(infuse::test::seeded_rng& rng, std::int64_t vocab) {
   return c;
 }
 
-using t_only = s::filters<s::filter::temperature>;
-using k_only = s::filters<s::filter::temperature, s::filter::top_k>;
-using p_only = s::filters<s::filter::temperature, s::filter::top_p>;
-using k_and_p = s::filters<s::filter::top_k, s::filter::top_p, s::filter::temperature>;
-using m_only = s::filters<s::filter::min_p>;
-using k_p_m = s::filters<s::filter::temperature, s::filter::top_k, s::filter::top_p,
-                         s::filter::min_p>;
-using masked = s::filters<s::filter::token_bitmask, s::filter::top_p>;
-using penalized = s::filters<s::filter::penalties, s::filter::temperature>;
-using biased = s::filters<s::filter::logit_bias, s::filter::top_k>;
-using everything = s::filters<s::filter::temperature, s::filter::top_k, s::filter::top_p,
-                              s::filter::min_p, s::filter::token_bitmask, s::filter::penalties,
-                              s::filter::logit_bias>;
-
 }  // namespace
-
-TYPE_TO_STRING_AS("temperature", t_only);
-TYPE_TO_STRING_AS("top_k", k_only);
-TYPE_TO_STRING_AS("top_p", p_only);
-TYPE_TO_STRING_AS("top_k+top_p", k_and_p);
-TYPE_TO_STRING_AS("min_p", m_only);
-TYPE_TO_STRING_AS("top_k+top_p+min_p", k_p_m);
-TYPE_TO_STRING_AS("bitmask+top_p", masked);
-TYPE_TO_STRING_AS("penalties", penalized);
-TYPE_TO_STRING_AS("bias+top_k", biased);
-TYPE_TO_STRING_AS("all filters", everything);
 
 TEST_CASE_TEMPLATE("search::sample draws from the filtered distribution (G test, 10^6 draws)", Set,
                    t_only, k_only, p_only, k_and_p, m_only, k_p_m, masked, penalized, biased,
                    everything) {
   INFUSE_RANDOM(rng);
   const sampling_case c = random_case<Set>(rng, rng.integer(64, 128));
-  const auto fit =
-      infuse::reference::g_test(draw_counts<Set>(c, statistical_draws),
-                                infuse::reference::filtered_distribution(c));
+  const auto fit = infuse::reference::g_test(draw_counts<Set>(c, statistical_draws),
+                                             infuse::reference::filtered_distribution(c));
   INFO("G = " << fit.statistic << ", critical " << fit.critical << " over " << fit.bins << " bins");
   CHECK_FALSE(fit.rejects());
 }
@@ -227,8 +203,8 @@ TEST_CASE("search::sample G test rejects a top_p boundary off by one token") {
     const auto q = infuse::reference::filtered_distribution(unfiltered);
     double running = 0;
     previous = 0;
-    for (const std::int32_t t : infuse::reference::by_decreasing_logit(
-             infuse::reference::adjusted_logits(c))) {
+    for (const std::int32_t t :
+         infuse::reference::by_decreasing_logit(infuse::reference::adjusted_logits(c))) {
       previous = running;
       running += q[t];
       if (running >= c.top_p) break;
@@ -294,7 +270,8 @@ TEST_CASE_TEMPLATE("search::sample matches the exact integer definition bit for 
       const sampling_case c = exact_case<Set>(rng, vocab, shape);
       const std::int64_t rows = 4;
       batch<Set> b(c, rows, rng.integer(0, 1 << 30));
-      std::vector<std::byte> workspace(std::size_t(s::sample_workspace_bytes<Set>(exec, rows, vocab)));
+      std::vector<std::byte> workspace(
+          std::size_t(s::sample_workspace_bytes<Set>(exec, rows, vocab)));
       s::sample<Set>(exec, host_view<const float, 2>(c.logits.data(), {rows, vocab}, {0, 1}),
                      b.rows(), b.params, b.outputs(),
                      {workspace.data(), {std::int64_t(workspace.size())}});
