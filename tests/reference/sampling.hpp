@@ -260,6 +260,41 @@ inline exact_draw exact_sample(const sampling_case& c, std::uint64_t random) {
 
 }  // namespace infuse::reference
 
+namespace infuse::reference {
+
+// Random values for the list-valued filters of Set: a bitmask allowing about 3/4 of the tokens,
+// each token penalized with probability penalty_share and biased with probability bias_share.
+template <class Set, class Rng>
+void random_token_filters(Rng& rng, std::int64_t vocab, double penalty_share, double bias_share,
+                          sampling_case& c) {
+  namespace filter = infuse::search::filter;
+  if constexpr (Set::template has<filter::token_bitmask>) {
+    c.bitmask.resize(std::size_t((vocab + 31) / 32));
+    for (auto& word : c.bitmask) word = rng.bits32() | rng.bits32();
+  }
+  if constexpr (Set::template has<filter::penalties>) {
+    for (std::int32_t t = 0; t < vocab; ++t) {
+      if (rng.uniform() < penalty_share) {
+        c.penalty_tokens.push_back(t);
+        c.penalty_counts.push_back(std::int32_t(rng.integer(1, 4)));
+      }
+    }
+    c.presence = rng.uniform(0.0, 1.0);
+    c.frequency = rng.uniform(0.0, 0.5);
+    c.repetition = rng.uniform(1.0, 1.5);
+  }
+  if constexpr (Set::template has<filter::logit_bias>) {
+    for (std::int32_t t = 0; t < vocab; ++t) {
+      if (rng.uniform() < bias_share) {
+        c.bias_tokens.push_back(t);
+        c.bias_values.push_back(float(rng.uniform(-3.0, 3.0)));
+      }
+    }
+  }
+}
+
+}  // namespace infuse::reference
+
 // The filter combinations the sampling tests cover, on either backend.
 namespace infuse::reference::filter_sets {
 

@@ -134,29 +134,7 @@ sampling_case random_case(infuse::test::seeded_rng& rng, std::int64_t vocab) {
   if constexpr (Set::template has<s::filter::temperature>) c.temperature = rng.uniform(0.6, 1.6);
   if constexpr (Set::template has<s::filter::top_k>) c.top_k = rng.integer(5, vocab / 2);
   if constexpr (Set::template has<s::filter::min_p>) c.min_p = rng.uniform(0.001, 0.05);
-  if constexpr (Set::template has<s::filter::token_bitmask>) {
-    c.bitmask.resize((vocab + 31) / 32);
-    for (auto& word : c.bitmask) word = rng.bits32() | rng.bits32();  // 3/4 of the tokens
-  }
-  if constexpr (Set::template has<s::filter::penalties>) {
-    for (std::int32_t t = 0; t < vocab; ++t) {
-      if (rng.uniform() < 0.2) {
-        c.penalty_tokens.push_back(t);
-        c.penalty_counts.push_back(std::int32_t(rng.integer(1, 4)));
-      }
-    }
-    c.presence = rng.uniform(0.0, 1.0);
-    c.frequency = rng.uniform(0.0, 0.5);
-    c.repetition = rng.uniform(1.0, 1.5);
-  }
-  if constexpr (Set::template has<s::filter::logit_bias>) {
-    for (std::int32_t t = 0; t < vocab; ++t) {
-      if (rng.uniform() < 0.1) {
-        c.bias_tokens.push_back(t);
-        c.bias_values.push_back(float(rng.uniform(-3.0, 3.0)));
-      }
-    }
-  }
+  infuse::reference::random_token_filters<Set>(rng, vocab, 0.2, 0.1, c);
   if constexpr (Set::template has<s::filter::top_p>) {
     do {
       c.top_p = rng.uniform(0.5, 0.95);
