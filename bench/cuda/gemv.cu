@@ -82,7 +82,8 @@ struct bench_matrix {
     for (std::int64_t g = 0; g < shape.group_count(); ++g) {
       scales.insert(scales.end(), stored.scales, stored.scales + S::scales_per_group);
     }
-    if constexpr (S::has_zero) zeros.assign(static_cast<std::size_t>(shape.group_count()), stored.zero);
+    if constexpr (S::has_zero)
+      zeros.assign(static_cast<std::size_t>(shape.group_count()), stored.zero);
     host = {codes.data(), scales.data(), zeros.empty() ? nullptr : zeros.data(), rows, cols};
     codes_device = device_buffer<std::uint8_t>(std::span<const std::uint8_t>(codes));
     scales_device = device_buffer<float>(std::span<const float>(scales));
@@ -132,16 +133,11 @@ void gemv(benchmark::State& state) {
   device_buffer<float> y_device(s.batch * s.rows);
   const gpu::owned_stream stream;
   const infuse::exec::cuda exec(stream);
-  gpu::event_timer timer(stream);
-  gpu::l2_flush flush;
   const device_view<const float, 2> xv(x_device.data(), {s.batch, s.cols});
   const device_view<float, 2> yv(y_device.data(), {s.batch, s.rows});
   infuse::gemv(exec, w.device, xv, yv);  // warm-up: module load, first-launch costs
   exec.synchronize();
-  for (auto _ : state) {
-    flush.run(stream);
-    state.SetIterationTime(timer.seconds([&] { infuse::gemv(exec, w.device, xv, yv); }));
-  }
+  gpu::time_iterations(state, stream, [&] { infuse::gemv(exec, w.device, xv, yv); });
   const double error = sampled_error(s, x, y_device.to_host(),
                                      [&](std::int64_t n, std::int64_t k) { return w.host(n, k); });
   if (!(error <= 1e-6)) {
@@ -172,29 +168,24 @@ void anchor_cublas(benchmark::State& state) {
   const device_buffer<infuse::half> x_device{std::span<const infuse::half>(x_half)};
   device_buffer<infuse::half> y_device(s.batch * s.rows);
   const gpu::owned_stream stream;
-  gpu::event_timer timer(stream);
-  gpu::l2_flush flush;
   cublasHandle_t handle = nullptr;
   check_cublas(cublasCreate(&handle), "cublasCreate");
   const float alpha = 1.0f;
   const float beta = 0.0f;
   const auto product = [&] {
-    check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(s.rows),
-                              static_cast<int>(s.batch), static_cast<int>(s.cols), &alpha,
-                              w.codes_device.data(), CUDA_R_16F, static_cast<int>(s.cols),
-                              x_device.data(), CUDA_R_16F, static_cast<int>(s.cols), &beta,
-                              y_device.data(), CUDA_R_16F, static_cast<int>(s.rows),
-                              CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                 "cublasGemmEx");
+    check_cublas(
+        cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(s.rows),
+                     static_cast<int>(s.batch), static_cast<int>(s.cols), &alpha,
+                     w.codes_device.data(), CUDA_R_16F, static_cast<int>(s.cols), x_device.data(),
+                     CUDA_R_16F, static_cast<int>(s.cols), &beta, y_device.data(), CUDA_R_16F,
+                     static_cast<int>(s.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+        "cublasGemmEx");
   };
   try {
     check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
     product();  // warm-up: handle workspace, kernel selection
     infuse::exec::cuda::check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-    for (auto _ : state) {
-      flush.run(stream);
-      state.SetIterationTime(timer.seconds(product));
-    }
+    gpu::time_iterations(state, stream, product);
   } catch (...) {
     cublasDestroy(handle);
     throw;
@@ -205,14 +196,14 @@ void anchor_cublas(benchmark::State& state) {
   std::vector<float> x_rounded;
   for (const infuse::half value : x_half) x_rounded.push_back(float(value));
   // Half outputs: a rounding of 2^-11 relative to |y|, itself at most sum |w x|.
-  const double error = sampled_error(s, x_rounded, y, [&](std::int64_t n, std::int64_t k) {
-    return w.host(n, k);
-  });
+  const double error =
+      sampled_error(s, x_rounded, y, [&](std::int64_t n, std::int64_t k) { return w.host(n, k); });
   if (!(error <= 2e-3)) {
     bench::report_error(state, "cuBLAS sampled outputs off the float64 product by " +
                                    std::to_string(error) + " of sum |w x|");
   }
-  const double bytes = 2.0 * (double(s.rows) * double(s.cols) + double(s.batch) * (s.cols + s.rows));
+  const double bytes =
+      2.0 * (double(s.rows) * double(s.cols) + double(s.batch) * (s.cols + s.rows));
   bench::set_bytes(state, bytes, gpu::measured_bandwidth().read_gbps);
   bench::set_flops(state, 2.0 * double(s.rows) * double(s.cols) * double(s.batch));
 }

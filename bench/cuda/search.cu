@@ -42,9 +42,9 @@ enum class variant { top_k_top_p, min_p };
 
 template <variant V>
 void sample(benchmark::State& state) {
-  using set = std::conditional_t<V == variant::top_k_top_p,
-                                 s::filters<s::filter::top_k, s::filter::top_p>,
-                                 s::filters<s::filter::min_p>>;
+  using set =
+      std::conditional_t<V == variant::top_k_top_p, s::filters<s::filter::top_k, s::filter::top_p>,
+                         s::filters<s::filter::min_p>>;
   const std::int64_t vocab = state.range(0);
   const std::int64_t batch = state.range(1);
   const device_buffer<float> logits = random_logits(batch, vocab);
@@ -72,21 +72,15 @@ void sample(benchmark::State& state) {
   device_buffer<std::int32_t> token(batch);
   device_buffer<float> logprob(batch);
   device_buffer<s::row_status> status(batch);
-  const s::sample_outputs<device_memory> out{token.as_view(), logprob.as_view(), status.as_view(),
-                                             {}, {}};
+  const s::sample_outputs<device_memory> out{
+      token.as_view(), logprob.as_view(), status.as_view(), {}, {}};
   gpu::owned_stream stream;
   const infuse::exec::cuda exec(stream);
   const device_buffer<std::byte> workspace(s::sample_workspace_bytes<set>(exec, batch, vocab));
   const s::sample_rows<device_memory> rows{d_request.as_view(), d_position.as_view()};
-  gpu::event_timer timer(stream);
-  gpu::l2_flush flush;
-  for (auto _ : state) {
-    flush.run(stream);
-    state.SetIterationTime(timer.seconds([&] {
-      s::sample<set>(exec, logits.as_view({batch, vocab}), rows, params, out,
-                     workspace.as_view());
-    }));
-  }
+  gpu::time_iterations(state, stream, [&] {
+    s::sample<set>(exec, logits.as_view({batch, vocab}), rows, params, out, workspace.as_view());
+  });
   exec.synchronize();
   const auto host_status = status.to_host();
   for (std::int64_t b = 0; b < batch; ++b) {
@@ -107,17 +101,13 @@ void greedy(benchmark::State& state) {
   device_buffer<std::int32_t> token(batch);
   device_buffer<float> logprob(batch);
   device_buffer<s::row_status> status(batch);
-  const s::sample_outputs<device_memory> out{token.as_view(), logprob.as_view(), status.as_view(),
-                                             {}, {}};
+  const s::sample_outputs<device_memory> out{
+      token.as_view(), logprob.as_view(), status.as_view(), {}, {}};
   gpu::owned_stream stream;
   const infuse::exec::cuda exec(stream);
-  gpu::event_timer timer(stream);
-  gpu::l2_flush flush;
-  for (auto _ : state) {
-    flush.run(stream);
-    state.SetIterationTime(
-        timer.seconds([&] { s::greedy(exec, logits.as_view({batch, vocab}), out); }));
-  }
+  gpu::time_iterations(state, stream, [&] {
+    s::greedy(exec, logits.as_view({batch, vocab}), out);
+  });
   exec.synchronize();
   const auto host_status = status.to_host();
   for (std::int64_t b = 0; b < batch; ++b) {
@@ -130,7 +120,8 @@ void greedy(benchmark::State& state) {
                    gpu::measured_bandwidth().read_gbps);
 }
 
-void shapes(benchmark::internal::Benchmark* benchmark, std::initializer_list<std::int64_t> batches) {
+void shapes(benchmark::internal::Benchmark* benchmark,
+            std::initializer_list<std::int64_t> batches) {
   benchmark->ArgNames({"vocab", "batch"});
   for (const std::int64_t vocab : {32000, 128256, 256000}) {
     for (const std::int64_t batch : batches) benchmark->Args({vocab, batch});
@@ -138,7 +129,9 @@ void shapes(benchmark::internal::Benchmark* benchmark, std::initializer_list<std
   benchmark->UseManualTime();
 }
 
-void sample_shapes(benchmark::internal::Benchmark* benchmark) { shapes(benchmark, {1, 16, 128}); }
+void sample_shapes(benchmark::internal::Benchmark* benchmark) {
+  shapes(benchmark, {1, 16, 128});
+}
 void greedy_shapes(benchmark::internal::Benchmark* benchmark) {
   shapes(benchmark, {1, 16, 128, 256});
 }

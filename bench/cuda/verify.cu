@@ -57,13 +57,7 @@ void verify_chain(benchmark::State& state) {
       accepted.as_view(), tokens.as_view({batch, draft_tokens + 1}), {}, status.as_view()};
   gpu::owned_stream stream;
   const infuse::exec::cuda exec(stream);
-  gpu::event_timer timer(stream);
-  gpu::l2_flush flush;
-  for (auto _ : state) {
-    flush.run(stream);
-    state.SetIterationTime(
-        timer.seconds([&] { infuse::search::verify_chain<Rule>(exec, in, out); }));
-  }
+  gpu::time_iterations(state, stream, [&] { infuse::search::verify_chain<Rule>(exec, in, out); });
   exec.synchronize();
   const auto host_accepted = accepted.to_host();
   const auto host_tokens = tokens.to_host();

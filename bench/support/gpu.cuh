@@ -182,4 +182,16 @@ class l2_flush {
   device_buffer<double> total_;
 };
 
+// The timed loop of the CUDA benchmarks: L2 evicted before each iteration, `work` timed by events
+// on `stream`, each time handed to Google Benchmark (which needs UseManualTime()).
+template <class Work>
+void time_iterations(benchmark::State& state, cudaStream_t stream, Work&& work) {
+  event_timer timer(stream);
+  l2_flush flush;
+  for (auto _ : state) {
+    flush.run(stream);
+    state.SetIterationTime(timer.seconds(work));
+  }
+}
+
 }  // namespace infuse::bench::gpu

@@ -398,7 +398,6 @@ inline top_p_result top_p_candidates(const row_input& row, float max, float temp
   const float_tag d;
   const hn::Repartition<double, float_tag> dd;
   const hn::Repartition<std::int64_t, float_tag> di64;
-  const hn::Half<float_tag> dh;
   const hn::RebindToUnsigned<float_tag> du;
   const auto lanes = static_cast<std::int64_t>(hn::Lanes(d));
   float* weights = reinterpret_cast<float*>(scratch.radix);
@@ -423,6 +422,7 @@ inline top_p_result top_p_candidates(const row_input& row, float max, float temp
 #if HWY_TARGET == HWY_SCALAR  // one lane: no halves to widen separately
     sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(hn::PromoteTo(dd, w), scale)));
 #else
+    const hn::Half<float_tag> dh;
     const auto low = hn::PromoteTo(dd, hn::LowerHalf(dh, w));
     const auto high_half = hn::PromoteTo(dd, hn::UpperHalf(dh, w));
     sum = hn::Add(sum, hn::ConvertTo(di64, hn::Mul(low, scale)));
