@@ -122,7 +122,7 @@ template <class S>
 INFUSE_HOST_DEVICE INFUSE_FORCE_INLINE void dequantize_block(const std::uint8_t* block,
                                                              const typename S::params& p,
                                                              float (&out)[block_size]) {
-#if defined(__CUDACC__)
+#if defined(INFUSE_DEVICE_PASS)
 #pragma unroll
 #endif
   for (int j = 0; j < block_size; ++j) out[j] = S::value(S::code(block, j), p);
