@@ -141,9 +141,10 @@ struct int_ {
   static stored_group<int_> fit(const float* values, std::int64_t count, float clip) {
     float lo = 0.0f;
     float hi = 0.0f;
+    // Plain comparisons (NaN skipped, as fmin/fmax do) vectorize; fmin/fmax are library calls.
     for (std::int64_t i = 0; i < count; ++i) {
-      lo = std::fmin(lo, values[i]);
-      hi = std::fmax(hi, values[i]);
+      lo = values[i] < lo ? values[i] : lo;
+      hi = values[i] > hi ? values[i] : hi;
     }
     return fit_range(lo, hi, clip);
   }

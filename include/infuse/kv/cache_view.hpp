@@ -1,0 +1,53 @@
+// kv::cache_view: what an attention kernel reads (and prefill writes) of a KV cache, without
+// copies: the pool's pages, their byte map, the page table of a batch and the per-page metadata.
+// The same struct on the host and on the device; Space says where the pointers point.
+// See docs/policies.md#kv-layouts.
+#pragma once
+
+#include <cstdint>
+
+#include "infuse/core/config.hpp"
+#include "infuse/core/memory.hpp"
+#include "infuse/kv/format.hpp"
+#include "infuse/kv/layout.hpp"
+
+namespace infuse::kv {
+
+// Where a token's K and V records are: the page's first byte and the slot in it.
+struct token_address {
+  std::uint8_t* page;
+  std::int32_t slot;
+};
+
+template <class Layout, class KScheme, class VScheme, memory_space Space = host_memory>
+struct cache_view {
+  using layout = Layout;
+  using k_scheme = KScheme;
+  using v_scheme = VScheme;
+  using memory_space = Space;
+  using format_type = page_format<typename Layout::order, KScheme, VScheme>;
+
+  std::uint8_t* pages = nullptr;  // (pool_pages, format.page_bytes()); contiguous: one run a sequence
+  std::int32_t pool_pages = 0;
+  format_type format{};           // format.slots: the page size (contiguous: the run's capacity)
+  typename Layout::table_view table{};
+  // Per-page metadata, null when not kept: (pool_pages, k.heads, k.head_dim) key minimum and
+  // maximum per channel over the page's stored (dequantized) keys; (pool_pages, slots, k.heads)
+  // attention mass accumulated per token.
+  float* key_min = nullptr;
+  float* key_max = nullptr;
+  float* mass = nullptr;
+
+  INFUSE_HOST_DEVICE std::int32_t sequences() const { return table.sequences; }
+  INFUSE_HOST_DEVICE std::int64_t length(std::int32_t s) const { return table.length(s); }
+  INFUSE_HOST_DEVICE std::uint8_t* page(std::int32_t index) const {
+    return pages + std::int64_t{index} * format.page_bytes();
+  }
+  // Token t (below length(s)) of sequence s.
+  INFUSE_HOST_DEVICE token_address locate(std::int32_t s, std::int64_t t) const {
+    const token_location at = table.locate(s, t);
+    return {page(at.page), at.slot};
+  }
+};
+
+}  // namespace infuse::kv
