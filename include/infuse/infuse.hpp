@@ -2,6 +2,9 @@
 // A .cu file includes <infuse/cuda.cuh> instead, which adds the CUDA backend.
 #pragma once
 
+#include "infuse/attention/attention.hpp"
+#include "infuse/attention/cpu/decode.hpp"
+#include "infuse/attention/cpu/prefill.hpp"
 #include "infuse/core/concepts.hpp"
 #include "infuse/core/config.hpp"
 #include "infuse/core/error.hpp"
@@ -27,3 +30,4 @@
 #include "infuse/search/row_stats.hpp"
 #include "infuse/search/sample.hpp"
 #include "infuse/search/verify.hpp"
+#include "infuse/sparse/sparse.hpp"

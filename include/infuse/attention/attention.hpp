@@ -1,0 +1,384 @@
+// infuse::attention::attention<Layout, KQuant, VQuant, Sparsity>: decode attention over a
+// (paged or contiguous, quantized) KV cache, and merge_states, the log-sum-exp union of partial
+// results. See docs/policies.md#attention.
+//
+//   using attn = infuse::attention::attention<kv::paged<16>, quant::none<half>,
+//                                             quant::int_<4, 32>, sparse::window>;
+//   std::vector<std::byte> workspace(attn::decode_workspace_bytes(exec, q_heads, cache, window));
+//   attn::decode(exec, q, cache, out, window, {}, workspace);                // out only
+//   attn::decode(exec, q, cache, out, window, {}, workspace, attention::lse_output{lse});
+//
+// Decode: one query token per sequence. Sequence b of q (batch, q_heads, k.head_dim) is the cache
+// table's sequence b, its query sits at position length(b) - 1 (its own K/V already in the cache),
+// and out (batch, q_heads, v.head_dim) gets softmax(score(q·k)) · v over the tokens the Sparsity
+// policy selects for each (sequence, KV head). Query head h reads KV head h / (q_heads / k.heads).
+// An empty selection (a sequence of length 0) gives out = 0 and lse = -inf.
+//
+// Optional outputs, as trailing arguments in any order; each is compiled out when absent:
+//   lse_output{lse}            lse (batch, q_heads): the natural log-sum-exp of the scores
+//   token_weights{weights}     weights (batch, q_heads, >= longest sequence): each visited token's
+//                              softmax weight, 0 for tokens not read
+//   accumulate_mass{}          adds each visited token's weight, summed over its query group, to
+//                              cache.mass (pool_pages, slots, k.heads); needs token_weights too
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+#include "infuse/attention/options.hpp"
+#include "infuse/attention/prefill.hpp"
+#include "infuse/core/error.hpp"
+#include "infuse/core/math.hpp"
+#include "infuse/core/view.hpp"
+#include "infuse/exec/cpu.hpp"
+#include "infuse/kv/cache_view.hpp"
+#include "infuse/kv/layout.hpp"
+#include "infuse/quant/scheme.hpp"
+#include "infuse/sparse/dense.hpp"
+#include "infuse/sparse/policy.hpp"
+
+namespace infuse::attention {
+
+// ---- optional outputs -----------------------------------------------------------------------
+
+struct lse_output {
+  host_view<float, 2> lse;  // (batch, q_heads)
+};
+struct token_weights {
+  host_view<float, 3> weights;  // (batch, q_heads, tokens), tokens >= the longest sequence
+};
+struct accumulate_mass {};
+
+namespace detail {
+
+template <class T, class... Ts>
+inline constexpr bool has_output = (std::is_same_v<T, Ts> || ...);
+
+template <class T>
+inline constexpr bool is_output =
+    std::is_same_v<T, lse_output> || std::is_same_v<T, token_weights> ||
+    std::is_same_v<T, accumulate_mass>;
+
+// The one output of type T among the arguments (a default one when absent).
+template <class T, class... Ts>
+T find_output(const Ts&... outputs) {
+  T found{};
+  (([&] {
+     if constexpr (std::is_same_v<T, Ts>) found = outputs;
+   }()),
+   ...);
+  return found;
+}
+
+// Whether a policy asks for the cache's key_min / key_max (sparse::quest, sparse::coverage).
+template <class P>
+constexpr bool needs_key_bounds() {
+  if constexpr (requires { P::needs_key_bounds; }) {
+    return P::needs_key_bounds;
+  } else {
+    return false;
+  }
+}
+
+// Floats of scratch per page of a sequence that a policy's select() needs.
+template <class P>
+constexpr std::int64_t scratch_floats_per_page() {
+  if constexpr (requires { P::scratch_floats_per_page; }) {
+    return P::scratch_floats_per_page;
+  } else {
+    return 0;
+  }
+}
+
+template <class T>
+inline constexpr bool always_false = false;
+
+// The backend's body: run(exec, q, cache, out, params, options, workspace, outputs...), arguments
+// checked. Specialized in attention/cpu/decode.hpp.
+template <class Exec>
+struct decode_body {
+  static_assert(always_false<Exec>,
+                "infuse: could not find a decode attention body for this execution backend "
+                "(include infuse/attention/cpu/decode.hpp for exec::cpu); see "
+                "docs/policies.md#exec-backend");
+};
+
+}  // namespace detail
+
+// Tokens of one split-KV chunk: long selections are cut into chunks of this many tokens, each a
+// unit of work whose partial result is merged by log-sum-exp.
+inline constexpr std::int64_t split_tokens = 512;
+
+// Tokens of a sequence's pages: what a table row can hold.
+template <class Layout, class KQuant, class VQuant>
+std::int64_t capacity(const kv::cache_view<Layout, KQuant, VQuant>& cache, std::int32_t s) {
+  if constexpr (Layout::is_paged) {
+    return std::int64_t{cache.table.pages(s)} * cache.format.slots;
+  } else {
+    return cache.format.slots;
+  }
+}
+
+// Host checks of a cache view before a kernel reads it; throws infuse::error naming the part.
+template <class Layout, class KQuant, class VQuant>
+void require_cache(const kv::cache_view<Layout, KQuant, VQuant>& cache, std::string_view call) {
+  cache.format.k.require_valid(call, "cache.format.k");
+  cache.format.v.require_valid(call, "cache.format.v");
+  require(cache.pool_pages >= 0, call, "cache.pool_pages", cache.pool_pages, "at least 0");
+  require(cache.pool_pages == 0 || cache.pages != nullptr, call, "cache.pages", cache.pages,
+          "a pointer to pool_pages pages");
+  // Unquantized float codes are read as floats, half codes as 16-bit words.
+  require(reinterpret_cast<std::uintptr_t>(cache.pages) % 4 == 0, call, "cache.pages",
+          static_cast<const void*>(cache.pages), "a pointer aligned to 4 bytes");
+  if constexpr (Layout::is_paged) {
+    require(cache.format.slots == Layout::page_size, call, "cache.format.slots", cache.format.slots,
+            "the layout's page size " + std::to_string(Layout::page_size));
+    kv::require_page_table(cache.table, cache.pool_pages, call);
+  } else {
+    const auto& table = cache.table;
+    require(table.sequences >= 0, call, "cache.table.sequences", table.sequences, "at least 0");
+    require(table.capacity == cache.format.slots, call, "cache.table.capacity", table.capacity,
+            "cache.format.slots, the slots of a sequence's run");
+    require(table.sequences <= cache.pool_pages, call, "cache.table.sequences", table.sequences,
+            "at most cache.pool_pages, one run per sequence");
+    require(table.sequences == 0 || table.lengths != nullptr, call, "cache.table.lengths",
+            table.lengths, "a pointer to one length per sequence");
+    for (std::int32_t s = 0; s < table.sequences; ++s) {
+      require(table.lengths[s] >= 0 && table.lengths[s] <= table.capacity, call,
+              "cache.table.lengths[" + std::to_string(s) + "]", table.lengths[s],
+              "0 to the capacity " + std::to_string(table.capacity));
+    }
+  }
+}
+
+// Where each part of the decode workspace lies; built the same way by the size query and the call.
+struct decode_workspace_layout {
+  std::int64_t ranges_at = 0;          // token_range per (sequence, KV head): max_ranges of each
+  std::int64_t range_offsets_at = 0;   // int64 (units + 1)
+  std::int64_t range_counts_at = 0;    // int64 (units)
+  std::int64_t chunk_offsets_at = 0;   // int64 (units + 1): partial slots, a bound per unit
+  std::int64_t item_offsets_at = 0;    // int64 (units + 1): chunks each unit actually has
+  std::int64_t chunks_done_at = 0;     // int64 (units): chunks finished, counted atomically
+  std::int64_t partials_at = 0;        // float (slots, group, partial_floats): acc, max, sum
+  std::int64_t partial_floats = 0;     // v.stored_dim() + 2
+  std::int64_t thread_scratch_at = 0;  // float (threads, scratch_floats)
+  std::int64_t scratch_floats = 0;
+  std::int64_t select_scratch_floats = 0;
+  std::int64_t total_ranges = 0;
+  std::int64_t total_slots = 0;
+  std::int64_t bytes = 0;
+};
+
+// Scores computed at once per query head, a tile of tokens.
+inline constexpr std::int64_t score_tile = 16;
+
+template <class Layout, class KQuant, class VQuant, class Sparsity>
+decode_workspace_layout plan_decode_workspace(int threads, std::int64_t q_heads,
+                                              const kv::cache_view<Layout, KQuant, VQuant>& cache,
+                                              const typename Sparsity::params& sparsity) {
+  const std::int32_t kv_heads = cache.format.k.heads;
+  const std::int64_t group = q_heads / kv_heads;
+  const std::int64_t units = std::int64_t{cache.sequences()} * kv_heads;
+  decode_workspace_layout w;
+  std::int64_t max_pages = 1;
+  for (std::int32_t s = 0; s < cache.sequences(); ++s) {
+    const std::int64_t length = cache.length(s);
+    const std::int64_t pages = (length + cache.format.slots - 1) / cache.format.slots;
+    max_pages = std::max(max_pages, pages);
+    for (std::int32_t h = 0; h < kv_heads; ++h) {
+      sparse::query_context q{};
+      q.sequence = s;
+      q.kv_head = h;
+      q.length = length;
+      q.query_begin = length - 1;
+      q.query_end = length;
+      q.new_begin = length;
+      q.group = static_cast<std::int32_t>(group);
+      q.head_dim = cache.format.k.head_dim;
+      q.page_size = cache.format.slots;
+      q.kv_heads = kv_heads;
+      w.total_ranges += std::max<std::int64_t>(0, Sparsity::max_ranges(sparsity, q));
+    }
+    w.total_slots += kv_heads * ((length + split_tokens - 1) / split_tokens);
+  }
+  const auto align = [](std::int64_t n) { return kv::round_up(n, 64); };
+  w.select_scratch_floats = detail::scratch_floats_per_page<Sparsity>() * max_pages;
+  // Per thread: the group's query (padded to whole blocks), a tile of scores, a dequantized K
+  // vector, a tile of dequantized V vectors, the group's rescale factors, the policy's scratch.
+  w.scratch_floats =
+      kv::round_up(group * cache.format.k.stored_dim() + group * score_tile +
+                       cache.format.k.stored_dim() + score_tile * cache.format.v.stored_dim() +
+                       kv::round_up(group, 16) + w.select_scratch_floats,
+                   16);
+  w.ranges_at = 0;
+  w.range_offsets_at =
+      align(w.ranges_at + w.total_ranges * std::int64_t{sizeof(sparse::token_range)});
+  w.range_counts_at = align(w.range_offsets_at + (units + 1) * 8);
+  w.chunk_offsets_at = align(w.range_counts_at + units * 8);
+  w.item_offsets_at = align(w.chunk_offsets_at + (units + 1) * 8);
+  w.chunks_done_at = align(w.item_offsets_at + (units + 1) * 8);
+  w.partials_at = align(w.chunks_done_at + units * 8);
+  w.partial_floats = cache.format.v.stored_dim() + 2;
+  w.thread_scratch_at = align(w.partials_at + w.total_slots * group * w.partial_floats * 4);
+  // 64 bytes of slack: the call aligns the start of the caller's buffer itself.
+  w.bytes = w.thread_scratch_at + std::int64_t{threads} * w.scratch_floats * 4 + 64;
+  return w;
+}
+
+template <class Layout, class KQuant, class VQuant, class Sparsity = sparse::dense>
+struct attention {
+  static_assert(quant::scheme<KQuant> && quant::scheme<VQuant>,
+                "infuse: attention<Layout, KQuant, VQuant, Sparsity> takes quantization schemes "
+                "for K and V; see docs/policies.md#quantization-schemes");
+  static_assert(sparse::policy<Sparsity>,
+                "infuse: attention<Layout, KQuant, VQuant, Sparsity>: Sparsity is not a sparsity "
+                "policy (sparse::policy): it needs `using identifier = sparse::policy_identifier`, "
+                "name, params, check(params, call), max_ranges(params, query_context), "
+                "select(params, query_context, token_range*) and visible(params, mask_context); "
+                "see docs/policies.md#sparsity-policies");
+
+  using cache_type = kv::cache_view<Layout, KQuant, VQuant>;
+  using sparsity_params = typename Sparsity::params;
+  static constexpr std::string_view call = "infuse::attention::decode";
+
+  // Bytes of workspace decode() needs for this cache, query head count, policy and thread count.
+  template <class Exec>
+  static std::int64_t decode_workspace_bytes(const Exec& exec, std::int64_t q_heads,
+                                             const cache_type& cache,
+                                             const sparsity_params& sparsity) {
+    constexpr std::string_view size_call = "infuse::attention::decode_workspace_bytes";
+    require_cache(cache, size_call);
+    require(q_heads >= 1 && q_heads % cache.format.k.heads == 0, size_call, "q_heads", q_heads,
+            "a positive multiple of the cache's KV heads " + std::to_string(cache.format.k.heads));
+    Sparsity::check(sparsity, size_call);
+    return plan_decode_workspace<Layout, KQuant, VQuant, Sparsity>(exec.threads(), q_heads, cache,
+                                                                   sparsity)
+        .bytes;
+  }
+
+  template <class Exec, class... Optional>
+  static void decode(const Exec& exec, host_view<const float, 3> q, const cache_type& cache,
+                     host_view<float, 3> out, const sparsity_params& sparsity, const options& opt,
+                     std::span<std::byte> workspace, Optional... outputs) {
+    static_assert((detail::is_output<Optional> && ...),
+                  "infuse: attention::decode takes as optional outputs only lse_output, "
+                  "token_weights and accumulate_mass; see docs/policies.md#attention");
+    const decode_workspace_layout plan =
+        check(exec, q, cache, out, sparsity, opt, workspace, outputs...);
+    detail::decode_body<Exec>::template run<Layout, KQuant, VQuant, Sparsity>(
+        exec, q, cache, out, sparsity, opt, workspace, plan, outputs...);
+  }
+
+  // Every host check of decode, before any work; returns the workspace plan.
+  template <class Exec, class... Optional>
+  static decode_workspace_layout check(const Exec& exec, host_view<const float, 3> q,
+                                       const cache_type& cache, host_view<float, 3> out,
+                                       const sparsity_params& sparsity, const options& opt,
+                                       std::span<std::byte> workspace, const Optional&... outputs) {
+    require_cache(cache, call);
+    const auto& f = cache.format;
+    const std::int64_t batch = q.extent(0);
+    require(batch == cache.sequences(), call, "q.extent(0)", batch,
+            "cache.sequences() = " + std::to_string(cache.sequences()) + " (the batch)");
+    const std::int64_t q_heads = q.extent(1);
+    require(q_heads >= 1 && q_heads % f.k.heads == 0, call, "q.extent(1)", q_heads,
+            "a positive multiple of the cache's KV heads " + std::to_string(f.k.heads));
+    require(f.v.heads == f.k.heads, call, "cache.format.v.heads", f.v.heads,
+            "cache.format.k.heads = " + std::to_string(f.k.heads));
+    require_view(q, call, "q", {any_extent, any_extent, {f.k.head_dim, "cache.format.k.head_dim"}});
+    require_view(
+        out, call, "out",
+        {{batch, "batch"}, {q_heads, "q heads"}, {f.v.head_dim, "cache.format.v.head_dim"}});
+    Sparsity::check(sparsity, call);
+    if constexpr (detail::needs_key_bounds<Sparsity>()) {
+      require(cache.key_min != nullptr, call, "cache.key_min", cache.key_min,
+              std::string("per-page key minima, which sparse::") + Sparsity::name + " reads");
+      require(cache.key_max != nullptr, call, "cache.key_max", cache.key_max,
+              std::string("per-page key maxima, which sparse::") + Sparsity::name + " reads");
+    }
+    require(std::isfinite(opt.scale) && opt.scale >= 0.0f, call, "options.scale", opt.scale,
+            "0 (1/sqrt(head_dim)) or a positive finite scale");
+    require(std::isfinite(opt.soft_cap) && opt.soft_cap >= 0.0f, call, "options.soft_cap",
+            opt.soft_cap, "0 (none) or a positive finite cap");
+    std::int64_t longest = 0;
+    for (std::int32_t s = 0; s < cache.sequences(); ++s)
+      longest = std::max(longest, cache.length(s));
+    constexpr bool weights = detail::has_output<token_weights, Optional...>;
+    if constexpr (detail::has_output<lse_output, Optional...>) {
+      require_view(detail::find_output<lse_output>(outputs...).lse, call, "lse",
+                   {{batch, "batch"}, {q_heads, "q heads"}});
+    }
+    if constexpr (weights) {
+      require_view(detail::find_output<token_weights>(outputs...).weights, call, "weights",
+                   {{batch, "batch"}, {q_heads, "q heads"}, any_extent});
+      const std::int64_t tokens = detail::find_output<token_weights>(outputs...).weights.extent(2);
+      require(tokens >= longest, call, "weights.extent(2)", tokens,
+              "at least the longest sequence, " + std::to_string(longest) + " tokens");
+    }
+    if constexpr (detail::has_output<accumulate_mass, Optional...>) {
+      require(weights, call, "accumulate_mass", "without token_weights",
+              "a token_weights output in the same call (the mass is summed from it)");
+      require(cache.mass != nullptr, call, "cache.mass", cache.mass,
+              "a pointer to (pool_pages, slots, k.heads) floats");
+    }
+    const decode_workspace_layout plan = plan_decode_workspace<Layout, KQuant, VQuant, Sparsity>(
+        exec.threads(), q_heads, cache, sparsity);
+    require(static_cast<std::int64_t>(workspace.size()) >= plan.bytes, call, "workspace.size()",
+            workspace.size(),
+            "at least decode_workspace_bytes(...) = " + std::to_string(plan.bytes));
+    require(workspace.data() != nullptr, call, "workspace.data()", workspace.data(), "a pointer");
+    return plan;
+  }
+
+  // Prefill of a ragged batch of new tokens: attention::prefill in attention/prefill.hpp.
+  template <class Exec>
+  static void prefill(const Exec& exec, host_view<const float, 3> q, host_view<const float, 3> k,
+                      host_view<const float, 3> v, host_view<const std::int32_t, 1> q_indptr,
+                      const cache_type& cache, host_view<float, 3> out,
+                      const sparsity_params& sparsity, const options& opt = {},
+                      host_view<float, 2> lse = {}) {
+    ::infuse::attention::prefill<Layout, KQuant, VQuant, Sparsity>(exec, q, k, v, q_indptr, cache,
+                                                                   out, sparsity, opt, lse);
+  }
+};
+
+// The union of partial results of the same queries over disjoint key sets: part i has outputs
+// (rows, heads, dim) and lses (rows, heads), natural logarithms; out and lse (either may alias
+// the first part) get the merged output and the lse of the union. An empty part (lse = -inf) is
+// neutral; all parts empty give out = 0, lse = -inf. Parts must match out's shape.
+inline void merge_states(const exec::cpu& exec, std::span<const host_view<const float, 3>> outputs,
+                         std::span<const host_view<const float, 2>> lses, host_view<float, 3> out,
+                         host_view<float, 2> lse) {
+  constexpr std::string_view call = "infuse::attention::merge_states";
+  const std::int64_t rows = out.extent(0);
+  const std::int64_t heads = out.extent(1);
+  const std::int64_t dim = out.extent(2);
+  require(outputs.size() == lses.size(), call, "lses.size()", lses.size(),
+          "outputs.size() = " + std::to_string(outputs.size()));
+  require_view(out, call, "out", {any_extent, any_extent, any_extent});
+  require_view(lse, call, "lse", {{rows, "rows of out"}, {heads, "heads of out"}});
+  for (std::size_t i = 0; i < outputs.size(); ++i) {
+    const std::string index = std::to_string(i).append("]");
+    require_view(outputs[i], call, std::string("outputs[").append(index),
+                 {{rows, "rows of out"}, {heads, "heads of out"}, {dim, "dim of out"}});
+    require_view(lses[i], call, std::string("lses[").append(index),
+                 {{rows, "rows of out"}, {heads, "heads of out"}}, stride_rule::any);
+  }
+  exec.parallel_for(rows * heads, [&](std::int64_t i) {
+    const std::int64_t r = i / heads;
+    const std::int64_t h = i % heads;
+    const auto partial_at = [&](std::size_t part) {
+      return partial_result{&outputs[part](r, h, 0), lses[part](r, h)};
+    };
+    lse(r, h) = infuse::detail::merge_partials(outputs.size(), partial_at, &out(r, h, 0),
+                                               static_cast<std::size_t>(dim));
+  });
+}
+
+}  // namespace infuse::attention

@@ -1,0 +1,42 @@
+// The run-time options every attention kernel takes, and the score transform they define, shared
+// by the decode and prefill bodies on both backends. See docs/policies.md#attention.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "infuse/core/config.hpp"
+
+namespace infuse::attention {
+
+struct options {
+  // Softmax scale applied to q·k; 0 means 1/sqrt(head_dim).
+  float scale = 0.0f;
+  // Logit soft-cap (Gemma 2, Grok): score = cap * tanh(score / cap); 0 means none.
+  float soft_cap = 0.0f;
+  // ALiBi: (q_heads) slopes, score += slope[h] * (key_position - query_position); null means none.
+  const float* alibi_slopes = nullptr;
+};
+
+// The softmax logit of one (query head, key) pair from the raw dot product q·k.
+struct score_transform {
+  float scale;
+  float soft_cap;
+  const float* alibi_slopes;
+
+  INFUSE_HOST_DEVICE static score_transform from(const options& o, std::int32_t head_dim) {
+    return {o.scale != 0.0f ? o.scale : 1.0f / std::sqrt(static_cast<float>(head_dim)), o.soft_cap,
+            o.alibi_slopes};
+  }
+
+  INFUSE_HOST_DEVICE float operator()(float dot, std::int32_t q_head, std::int64_t query_position,
+                                      std::int64_t key_position) const {
+    float s = dot * scale;
+    if (soft_cap > 0.0f) s = soft_cap * std::tanh(s / soft_cap);
+    if (alibi_slopes != nullptr)
+      s += alibi_slopes[q_head] * static_cast<float>(key_position - query_position);
+    return s;
+  }
+};
+
+}  // namespace infuse::attention

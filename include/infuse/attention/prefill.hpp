@@ -1,0 +1,184 @@
+// infuse::attention::prefill: attention of a ragged batch of new tokens over their sequences'
+// cached prefix and themselves, writing the new K and V into the cache, quantized, first.
+//
+//   infuse::attention::prefill<kv::paged<16>, quant::none<half>, quant::none<half>,
+//   sparse::causal>(
+//       exec, q, k, v, q_indptr, cache, out, {}, {});
+//
+// Shapes: q (new_total, q_heads, head_dim), k (new_total, kv_heads, head_dim), v (new_total,
+// kv_heads, v_head_dim), out (new_total, q_heads, v_head_dim), optional lse (new_total, q_heads),
+// q_indptr (batch + 1): the new tokens of sequence b are rows q_indptr[b] .. q_indptr[b + 1].
+// The cache's table already counts them (the caller reserved their slots): sequence b's n_b new
+// tokens sit at positions length(b) - n_b .. length(b) - 1, after its prefix.
+//
+// Each new token's K and V are encoded by the cache's formats (kv::vector_format::encode) into
+// their slots; then each query attends to the keys the sparsity policy selects for its tile,
+// masked by visible(), reading every key back from the cache: prefill and a later decode see the
+// same, stored, keys. Query heads are grouped over the KV heads (q_heads a multiple of kv_heads).
+// A query that sees no key gets out = 0 and lse = -inf. When the cache keeps key_min / key_max,
+// the pages that received new keys get them recomputed over their stored keys.
+//
+// The arguments are checked first, on the host, and nothing is written (cache or outputs) when
+// one is wrong: infuse::error names it. The body: attention/cpu/prefill.hpp (exec::cpu).
+// See docs/prefill.md.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <string_view>
+
+#include "infuse/attention/options.hpp"
+#include "infuse/core/concepts.hpp"
+#include "infuse/core/error.hpp"
+#include "infuse/core/view.hpp"
+#include "infuse/kv/cache_view.hpp"
+#include "infuse/kv/layout.hpp"
+#include "infuse/quant/scheme.hpp"
+#include "infuse/sparse/policy.hpp"
+
+namespace infuse::attention {
+
+namespace detail {
+
+template <class T>
+inline constexpr bool always_false_prefill = false;
+
+// One specialization per backend holds its body: run(exec, q, k, v, q_indptr, cache, out, params,
+// options, lse), the arguments already checked.
+template <class Exec>
+struct prefill_body {
+  static_assert(always_false_prefill<Exec>,
+                "infuse: could not find a prefill body for this execution backend (include "
+                "infuse/attention/cpu/prefill.hpp for exec::cpu); see "
+                "docs/policies.md#exec-backend");
+};
+
+// The table of a cache as the kernel trusts it: a paged table against the pool, a contiguous
+// table's lengths against the capacity of its runs.
+template <class Layout, class K, class V, class Space>
+void require_cache_table(const kv::cache_view<Layout, K, V, Space>& cache, std::string_view call) {
+  require(cache.pool_pages >= 0, call, "cache.pool_pages", cache.pool_pages, "at least 0");
+  if constexpr (Layout::is_paged) {
+    require(cache.format.slots == Layout::page_size, call, "cache.format.slots", cache.format.slots,
+            "the page size " + std::to_string(Layout::page_size));
+    kv::require_page_table(cache.table, cache.pool_pages, call);
+  } else {
+    const auto& table = cache.table;
+    require(table.sequences >= 0, call, "cache.table.sequences", table.sequences, "at least 0");
+    require(table.capacity == cache.format.slots, call, "cache.table.capacity", table.capacity,
+            "cache.format.slots = " + std::to_string(cache.format.slots));
+    require(table.sequences <= cache.pool_pages, call, "cache.pool_pages", cache.pool_pages,
+            "at least one run per sequence (" + std::to_string(table.sequences) + ")");
+    for (std::int32_t s = 0; s < table.sequences; ++s) {
+      require(table.lengths[s] >= 0 && table.lengths[s] <= table.capacity, call,
+              "cache.table.lengths[" + std::to_string(s) + "]", table.lengths[s],
+              "0 to the capacity " + std::to_string(table.capacity));
+    }
+  }
+}
+
+}  // namespace detail
+
+// The host checks of prefill's arguments; throws infuse::error naming the first wrong one.
+template <class Sparsity, class Layout, class K, class V, class Space>
+void check_prefill_arguments(const view<const float, 3, Space>& q,
+                             const view<const float, 3, Space>& k,
+                             const view<const float, 3, Space>& v,
+                             const view<const std::int32_t, 1, Space>& q_indptr,
+                             const kv::cache_view<Layout, K, V, Space>& cache,
+                             const view<float, 3, Space>& out,
+                             const typename Sparsity::params& sparsity, const options& opts,
+                             const view<float, 2, Space>& lse) {
+  constexpr std::string_view call = "infuse::attention::prefill";
+  const auto& format = cache.format;
+  format.k.require_valid(call, "cache.format.k");
+  format.v.require_valid(call, "cache.format.v");
+  require(format.v.heads == format.k.heads, call, "cache.format.v.heads", format.v.heads,
+          "cache.format.k.heads = " + std::to_string(format.k.heads) +
+              " (each KV head has its keys and values)");
+  const std::int64_t new_total = q.extent(0);
+  const std::int64_t q_heads = q.extent(1);
+  const std::int32_t kv_heads = format.k.heads;
+  require(q_heads >= 1 && q_heads % kv_heads == 0, call, "q.extent(1)", q_heads,
+          "a multiple of the KV heads " + std::to_string(kv_heads) + " (query heads are grouped)");
+  require_view(q, call, "q", {any_extent, any_extent, {format.k.head_dim, "k head_dim"}});
+  require_view(k, call, "k",
+               {{new_total, "new_total, the rows of q"},
+                {kv_heads, "k heads"},
+                {format.k.head_dim, "k head_dim"}});
+  require_view(v, call, "v",
+               {{new_total, "new_total, the rows of q"},
+                {kv_heads, "v heads"},
+                {format.v.head_dim, "v head_dim"}});
+  require_view(out, call, "out",
+               {{new_total, "new_total, the rows of q"},
+                {q_heads, "q heads"},
+                {format.v.head_dim, "v head_dim"}});
+  if (lse.data() != nullptr) {
+    require_view(lse, call, "lse", {{new_total, "new_total, the rows of q"}, {q_heads, "q heads"}},
+                 stride_rule::any);
+  }
+
+  detail::require_cache_table(cache, call);
+  const std::int32_t batch = cache.sequences();
+  require_view(q_indptr, call, "q_indptr", {{std::int64_t{batch} + 1, "batch + 1"}},
+               stride_rule::contiguous);
+  require(q_indptr(0) == 0, call, "q_indptr[0]", q_indptr(0), "0");
+  for (std::int32_t b = 0; b < batch; ++b) {
+    const std::string entry = "q_indptr[" + std::to_string(b + 1) + "]";
+    require(q_indptr(b + 1) >= q_indptr(b), call, entry, q_indptr(b + 1),
+            "at least the entry before it (q_indptr never decreases)");
+    require(q_indptr(b + 1) - q_indptr(b) <= cache.length(b), call, entry, q_indptr(b + 1),
+            "at most q_indptr[" + std::to_string(b) + "] + the length of sequence " +
+                std::to_string(b) + " in the cache (" + std::to_string(cache.length(b)) +
+                "): its new tokens have their slots already");
+  }
+  require(q_indptr(batch) == new_total, call, "q_indptr[" + std::to_string(batch) + "]",
+          q_indptr(batch), "new_total = " + std::to_string(new_total) + ", the rows of q");
+  if (new_total > 0) {
+    require(cache.pages != nullptr, call, "cache.pages", cache.pages, "a pointer");
+    // Parameter records hold floats, and none<float> or none<half> codes are read as such.
+    require(reinterpret_cast<std::uintptr_t>(cache.pages) % 4 == 0, call, "cache.pages",
+            static_cast<const void*>(cache.pages), "a pointer aligned to 4 bytes");
+  }
+  require((cache.key_min == nullptr) == (cache.key_max == nullptr), call, "cache.key_max",
+          static_cast<const void*>(cache.key_max), "set exactly when cache.key_min is");
+
+  Sparsity::check(sparsity, call);
+  if constexpr (requires { Sparsity::check_batch(sparsity, q_indptr.data(), batch, call); }) {
+    Sparsity::check_batch(sparsity, q_indptr.data(), batch, call);
+  }
+  if constexpr (requires { Sparsity::needs_key_bounds; }) {
+    require(!Sparsity::needs_key_bounds || cache.key_min != nullptr, call, "cache.key_min",
+            static_cast<const void*>(cache.key_min),
+            std::string("per-page key bounds, which sparse::") + Sparsity::name + " reads");
+  }
+
+  require(std::isfinite(opts.scale), call, "options.scale", opts.scale,
+          "a finite scale (0 for 1/sqrt(head_dim))");
+  require(std::isfinite(opts.soft_cap) && opts.soft_cap >= 0.0f, call, "options.soft_cap",
+          opts.soft_cap, "0 (none) or a positive cap");
+}
+
+// Prefill attention (see the top of this file). lse is optional: an empty view writes none.
+template <class Layout, class KQuant, class VQuant, class Sparsity, class Exec, class Space>
+void prefill(const Exec& exec, std::type_identity_t<view<const float, 3, Space>> q,
+             std::type_identity_t<view<const float, 3, Space>> k,
+             std::type_identity_t<view<const float, 3, Space>> v,
+             std::type_identity_t<view<const std::int32_t, 1, Space>> q_indptr,
+             const kv::cache_view<Layout, KQuant, VQuant, Space>& cache,
+             std::type_identity_t<view<float, 3, Space>> out,
+             const typename Sparsity::params& sparsity_params, const options& opts = {},
+             std::type_identity_t<view<float, 2, Space>> lse = {}) {
+  quant::static_check_scheme<KQuant>();
+  quant::static_check_scheme<VQuant>();
+  sparse::static_check_policy<Sparsity>();
+  static_check_view<Exec, 3, view<const float, 3, Space>>();
+  check_prefill_arguments<Sparsity>(q, k, v, q_indptr, cache, out, sparsity_params, opts, lse);
+  if (q.extent(0) == 0) return;
+  detail::prefill_body<Exec>::template run<Sparsity>(exec, q, k, v, q_indptr, cache, out,
+                                                     sparsity_params, opts, lse);
+}
+
+}  // namespace infuse::attention
