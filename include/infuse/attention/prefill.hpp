@@ -20,7 +20,7 @@
 //
 // The arguments are checked first, on the host, and nothing is written (cache or outputs) when
 // one is wrong: infuse::error names it. The body: attention/cpu/prefill.hpp (exec::cpu).
-// See docs/prefill.md.
+// See docs/policies.md#prefill-attention.
 #pragma once
 
 #include <cmath>

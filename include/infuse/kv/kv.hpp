@@ -1,6 +1,6 @@
 // Everything of kv/: layouts, the page byte map, the cache view a kernel reads, the per-page
 // metadata, the quantized paged cache, and retention (rules, budgets, compaction on the CPU).
-// See docs/kv-cache.md.
+// See docs/policies.md#the-quantized-paged-kv-cache.
 #pragma once
 
 #include "infuse/kv/cache_view.hpp"

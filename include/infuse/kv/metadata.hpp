@@ -10,7 +10,7 @@
 //
 // A page shared by several sequences (after fork) may be filled to a different length in each
 // (truncate shortens one of them): its bounds cover the longest, which is still an upper bound
-// for the others. See docs/kv-cache.md.
+// for the others. See docs/policies.md#the-quantized-paged-kv-cache.
 #pragma once
 
 #include <algorithm>

@@ -19,7 +19,7 @@
 //
 // Every operation checks its arguments (and that the pool has the pages it needs) before it
 // changes anything, and throws infuse::error naming the argument: on error the cache is exactly as
-// it was (compare with operator==). See docs/kv-cache.md.
+// it was (compare with operator==). See docs/policies.md#the-quantized-paged-kv-cache.
 #pragma once
 
 #include <algorithm>

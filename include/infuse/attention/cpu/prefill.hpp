@@ -1,5 +1,5 @@
 // The CPU body of infuse::attention::prefill (attention/prefill.hpp): Highway SIMD, OpenMP
-// threads. See docs/prefill.md.
+// threads. See docs/policies.md#prefill-attention.
 //
 // 1. Store: each new token's K and V vectors are encoded into their slots, threads over tokens;
 //    then the pages that received keys get their key bounds recomputed (when the cache keeps them).
