@@ -125,38 +125,6 @@ std::int64_t capacity(const kv::cache_view<Layout, KQuant, VQuant>& cache, std::
   }
 }
 
-// Host checks of a cache view before a kernel reads it; throws infuse::error naming the part.
-template <class Layout, class KQuant, class VQuant>
-void require_cache(const kv::cache_view<Layout, KQuant, VQuant>& cache, std::string_view call) {
-  cache.format.k.require_valid(call, "cache.format.k");
-  cache.format.v.require_valid(call, "cache.format.v");
-  require(cache.pool_pages >= 0, call, "cache.pool_pages", cache.pool_pages, "at least 0");
-  require(cache.pool_pages == 0 || cache.pages != nullptr, call, "cache.pages", cache.pages,
-          "a pointer to pool_pages pages");
-  // Unquantized float codes are read as floats, half codes as 16-bit words.
-  require(reinterpret_cast<std::uintptr_t>(cache.pages) % 4 == 0, call, "cache.pages",
-          static_cast<const void*>(cache.pages), "a pointer aligned to 4 bytes");
-  if constexpr (Layout::is_paged) {
-    require(cache.format.slots == Layout::page_size, call, "cache.format.slots", cache.format.slots,
-            "the layout's page size " + std::to_string(Layout::page_size));
-    kv::require_page_table(cache.table, cache.pool_pages, call);
-  } else {
-    const auto& table = cache.table;
-    require(table.sequences >= 0, call, "cache.table.sequences", table.sequences, "at least 0");
-    require(table.capacity == cache.format.slots, call, "cache.table.capacity", table.capacity,
-            "cache.format.slots, the slots of a sequence's run");
-    require(table.sequences <= cache.pool_pages, call, "cache.table.sequences", table.sequences,
-            "at most cache.pool_pages, one run per sequence");
-    require(table.sequences == 0 || table.lengths != nullptr, call, "cache.table.lengths",
-            table.lengths, "a pointer to one length per sequence");
-    for (std::int32_t s = 0; s < table.sequences; ++s) {
-      require(table.lengths[s] >= 0 && table.lengths[s] <= table.capacity, call,
-              "cache.table.lengths[" + std::to_string(s) + "]", table.lengths[s],
-              "0 to the capacity " + std::to_string(table.capacity));
-    }
-  }
-}
-
 // Where each part of the decode workspace lies; built the same way by the size query and the call.
 struct decode_workspace_layout {
   std::int64_t ranges_at = 0;          // token_range per (sequence, KV head): max_ranges of each
@@ -253,7 +221,7 @@ struct attention {
                                              const cache_type& cache,
                                              const sparsity_params& sparsity) {
     constexpr std::string_view size_call = "infuse::attention::decode_workspace_bytes";
-    require_cache(cache, size_call);
+    kv::require_cache_view(cache, size_call);
     require(q_heads >= 1 && q_heads % cache.format.k.heads == 0, size_call, "q_heads", q_heads,
             "a positive multiple of the cache's KV heads " + std::to_string(cache.format.k.heads));
     Sparsity::check(sparsity, size_call);
@@ -281,7 +249,7 @@ struct attention {
                                        const cache_type& cache, host_view<float, 3> out,
                                        const sparsity_params& sparsity, const options& opt,
                                        std::span<std::byte> workspace, const Optional&... outputs) {
-    require_cache(cache, call);
+    kv::require_cache_view(cache, call);
     const auto& f = cache.format;
     const std::int64_t batch = q.extent(0);
     require(batch == cache.sequences(), call, "q.extent(0)", batch,
@@ -302,10 +270,7 @@ struct attention {
       require(cache.key_max != nullptr, call, "cache.key_max", cache.key_max,
               std::string("per-page key maxima, which sparse::") + Sparsity::name + " reads");
     }
-    require(std::isfinite(opt.scale) && opt.scale >= 0.0f, call, "options.scale", opt.scale,
-            "0 (1/sqrt(head_dim)) or a positive finite scale");
-    require(std::isfinite(opt.soft_cap) && opt.soft_cap >= 0.0f, call, "options.soft_cap",
-            opt.soft_cap, "0 (none) or a positive finite cap");
+    require_options(opt, call);
     std::int64_t longest = 0;
     for (std::int32_t s = 0; s < cache.sequences(); ++s)
       longest = std::max(longest, cache.length(s));

@@ -4,8 +4,10 @@
 
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 
 #include "infuse/core/config.hpp"
+#include "infuse/core/error.hpp"
 
 namespace infuse::attention {
 
@@ -17,6 +19,14 @@ struct options {
   // ALiBi: (q_heads) slopes, score += slope[h] * (key_position - query_position); null means none.
   const float* alibi_slopes = nullptr;
 };
+
+// The host checks of the options, shared by every attention call.
+inline void require_options(const options& o, std::string_view call) {
+  require(std::isfinite(o.scale) && o.scale >= 0.0f, call, "options.scale", o.scale,
+          "0 (1/sqrt(head_dim)) or a positive finite scale");
+  require(std::isfinite(o.soft_cap) && o.soft_cap >= 0.0f, call, "options.soft_cap", o.soft_cap,
+          "0 (none) or a positive finite cap");
+}
 
 // The softmax logit of one (query head, key) pair from the raw dot product q·k.
 struct score_transform {

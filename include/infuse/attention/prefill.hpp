@@ -54,30 +54,6 @@ struct prefill_body {
                 "docs/policies.md#exec-backend");
 };
 
-// The table of a cache as the kernel trusts it: a paged table against the pool, a contiguous
-// table's lengths against the capacity of its runs.
-template <class Layout, class K, class V, class Space>
-void require_cache_table(const kv::cache_view<Layout, K, V, Space>& cache, std::string_view call) {
-  require(cache.pool_pages >= 0, call, "cache.pool_pages", cache.pool_pages, "at least 0");
-  if constexpr (Layout::is_paged) {
-    require(cache.format.slots == Layout::page_size, call, "cache.format.slots", cache.format.slots,
-            "the page size " + std::to_string(Layout::page_size));
-    kv::require_page_table(cache.table, cache.pool_pages, call);
-  } else {
-    const auto& table = cache.table;
-    require(table.sequences >= 0, call, "cache.table.sequences", table.sequences, "at least 0");
-    require(table.capacity == cache.format.slots, call, "cache.table.capacity", table.capacity,
-            "cache.format.slots = " + std::to_string(cache.format.slots));
-    require(table.sequences <= cache.pool_pages, call, "cache.pool_pages", cache.pool_pages,
-            "at least one run per sequence (" + std::to_string(table.sequences) + ")");
-    for (std::int32_t s = 0; s < table.sequences; ++s) {
-      require(table.lengths[s] >= 0 && table.lengths[s] <= table.capacity, call,
-              "cache.table.lengths[" + std::to_string(s) + "]", table.lengths[s],
-              "0 to the capacity " + std::to_string(table.capacity));
-    }
-  }
-}
-
 }  // namespace detail
 
 // The host checks of prefill's arguments; throws infuse::error naming the first wrong one.
@@ -120,7 +96,7 @@ void check_prefill_arguments(const view<const float, 3, Space>& q,
                  stride_rule::any);
   }
 
-  detail::require_cache_table(cache, call);
+  kv::require_cache_view(cache, call);
   const std::int32_t batch = cache.sequences();
   require_view(q_indptr, call, "q_indptr", {{std::int64_t{batch} + 1, "batch + 1"}},
                stride_rule::contiguous);
@@ -155,10 +131,7 @@ void check_prefill_arguments(const view<const float, 3, Space>& q,
             std::string("per-page key bounds, which sparse::") + Sparsity::name + " reads");
   }
 
-  require(std::isfinite(opts.scale), call, "options.scale", opts.scale,
-          "a finite scale (0 for 1/sqrt(head_dim))");
-  require(std::isfinite(opts.soft_cap) && opts.soft_cap >= 0.0f, call, "options.soft_cap",
-          opts.soft_cap, "0 (none) or a positive cap");
+  require_options(opts, call);
 }
 
 // Prefill attention (see the top of this file). lse is optional: an empty view writes none.

@@ -5,8 +5,11 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
+#include <string_view>
 
 #include "infuse/core/config.hpp"
+#include "infuse/core/error.hpp"
 #include "infuse/core/memory.hpp"
 #include "infuse/kv/format.hpp"
 #include "infuse/kv/layout.hpp"
@@ -49,5 +52,39 @@ struct cache_view {
     return {page(at.page), at.slot};
   }
 };
+
+// Host checks of a cache view (host memory) before a kernel reads it; throws infuse::error naming
+// the part.
+template <class Layout, class KQuant, class VQuant>
+void require_cache_view(const cache_view<Layout, KQuant, VQuant>& cache, std::string_view call) {
+  cache.format.k.require_valid(call, "cache.format.k");
+  cache.format.v.require_valid(call, "cache.format.v");
+  require(cache.pool_pages >= 0, call, "cache.pool_pages", cache.pool_pages, "at least 0");
+  require(cache.pool_pages == 0 || cache.pages != nullptr, call, "cache.pages", cache.pages,
+          "a pointer to pool_pages pages");
+  // Unquantized float codes are read as floats, half codes as 16-bit words.
+  require(reinterpret_cast<std::uintptr_t>(cache.pages) % 4 == 0, call, "cache.pages",
+          static_cast<const void*>(cache.pages), "a pointer aligned to 4 bytes");
+  if constexpr (Layout::is_paged) {
+    require(cache.format.slots == Layout::page_size, call, "cache.format.slots", cache.format.slots,
+            "the layout's page size " + std::to_string(Layout::page_size));
+    require_page_table(cache.table, cache.pool_pages, call);
+  } else {
+    const auto& table = cache.table;
+    require(table.sequences >= 0, call, "cache.table.sequences", table.sequences, "at least 0");
+    require(table.capacity == cache.format.slots, call, "cache.table.capacity", table.capacity,
+            "cache.format.slots, the slots of a sequence's run");
+    require(table.sequences <= cache.pool_pages, call, "cache.table.sequences", table.sequences,
+            "at most cache.pool_pages, one run per sequence");
+    require(table.sequences == 0 || table.lengths != nullptr, call, "cache.table.lengths",
+            table.lengths, "a pointer to one length per sequence");
+    for (std::int32_t s = 0; s < table.sequences; ++s) {
+      require(table.lengths[s] >= 0 && table.lengths[s] <= table.capacity, call,
+              "cache.table.lengths[" + std::to_string(s) + "]", table.lengths[s],
+              "0 to the capacity " + std::to_string(table.capacity));
+    }
+  }
+}
+
 
 }  // namespace infuse::kv
