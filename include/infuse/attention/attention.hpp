@@ -125,6 +125,37 @@ std::int64_t capacity(const kv::cache_view<Layout, KQuant, VQuant>& cache, std::
   }
 }
 
+// The query_context of decode's query of sequence s over KV head h: the query at position
+// length(s) - 1; q and scratch are the caller's to set. `run` points to s: the contiguous
+// layout's one "page" is the sequence's run (it must outlive the context).
+template <class Layout, class K, class V>
+sparse::query_context decode_query_context(const kv::cache_view<Layout, K, V>& cache,
+                                           std::int32_t s, std::int32_t h, std::int32_t group,
+                                           float scale, const std::int32_t* run) {
+  const std::int64_t length = cache.length(s);
+  sparse::query_context c{};
+  c.sequence = s;
+  c.kv_head = h;
+  c.length = length;
+  c.query_begin = length - 1;
+  c.query_end = length;
+  c.new_begin = length;
+  c.group = group;
+  c.head_dim = cache.format.k.head_dim;
+  c.scale = scale;
+  c.page_size = cache.format.slots;
+  if constexpr (Layout::is_paged) {
+    c.pages = cache.table.indices + cache.table.indptr[s];
+  } else {
+    c.pages = run;
+  }
+  c.kv_heads = cache.format.k.heads;
+  c.key_min = cache.key_min;
+  c.key_max = cache.key_max;
+  c.mass = cache.mass;
+  return c;
+}
+
 // Where each part of the decode workspace lies; built the same way by the size query and the call.
 struct decode_workspace_layout {
   std::int64_t ranges_at = 0;          // token_range per (sequence, KV head): max_ranges of each
@@ -160,17 +191,8 @@ decode_workspace_layout plan_decode_workspace(int threads, std::int64_t q_heads,
     const std::int64_t pages = (length + cache.format.slots - 1) / cache.format.slots;
     max_pages = std::max(max_pages, pages);
     for (std::int32_t h = 0; h < kv_heads; ++h) {
-      sparse::query_context q{};
-      q.sequence = s;
-      q.kv_head = h;
-      q.length = length;
-      q.query_begin = length - 1;
-      q.query_end = length;
-      q.new_begin = length;
-      q.group = static_cast<std::int32_t>(group);
-      q.head_dim = cache.format.k.head_dim;
-      q.page_size = cache.format.slots;
-      q.kv_heads = kv_heads;
+      const sparse::query_context q =
+          decode_query_context(cache, s, h, static_cast<std::int32_t>(group), 0.0f, &s);
       w.total_ranges += std::max<std::int64_t>(0, Sparsity::max_ranges(sparsity, q));
     }
     w.total_slots += kv_heads * ((length + split_tokens - 1) / split_tokens);

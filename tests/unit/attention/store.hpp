@@ -161,28 +161,9 @@ std::vector<char> selection_mask(Store& st, const typename Sparsity::params& par
   const std::int64_t length = cache.length(s);
   std::vector<char> mask(static_cast<std::size_t>(length), 0);
   if (length == 0) return mask;
-  std::int32_t run = s;
-  sparse::query_context c{};
-  c.sequence = s;
-  c.kv_head = h;
-  c.length = length;
-  c.query_begin = length - 1;
-  c.query_end = length;
-  c.new_begin = length;
+  sparse::query_context c =
+      attention::decode_query_context(cache, s, h, group, scale, &s);
   c.q = q_group;
-  c.group = group;
-  c.head_dim = cache.format.k.head_dim;
-  c.scale = scale;
-  c.page_size = cache.format.slots;
-  if constexpr (Store::cache_type::layout::is_paged) {
-    c.pages = cache.table.indices + cache.table.indptr[s];
-  } else {
-    c.pages = &run;
-  }
-  c.kv_heads = cache.format.k.heads;
-  c.key_min = cache.key_min;
-  c.key_max = cache.key_max;
-  c.mass = cache.mass;
   std::vector<float> scratch(static_cast<std::size_t>(4 * (length + 1)));
   c.scratch = scratch.data();
   c.scratch_floats = static_cast<std::int64_t>(scratch.size());

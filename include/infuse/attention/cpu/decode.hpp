@@ -408,28 +408,8 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
       const auto h = static_cast<std::int32_t>(u % kv_heads);
       const std::int64_t length = cache.length(s);
       load_query(scratch.q, head_dim, s, h);
-      std::int32_t run = s;  // the contiguous layout's one "page": the sequence's run
-      sparse::query_context c{};
-      c.sequence = s;
-      c.kv_head = h;
-      c.length = length;
-      c.query_begin = length - 1;
-      c.query_end = length;
-      c.new_begin = length;
+      sparse::query_context c = decode_query_context(cache, s, h, group, transform.scale, &s);
       c.q = scratch.q;
-      c.group = group;
-      c.head_dim = head_dim;
-      c.scale = transform.scale;
-      c.page_size = f.slots;
-      if constexpr (Layout::is_paged) {
-        c.pages = cache.table.indices + cache.table.indptr[s];
-      } else {
-        c.pages = &run;
-      }
-      c.kv_heads = kv_heads;
-      c.key_min = cache.key_min;
-      c.key_max = cache.key_max;
-      c.mass = cache.mass;
       c.scratch = scratch.select;
       c.scratch_floats = scratch.select_floats;
       sparse::token_range* ranges = parts.ranges + parts.range_offsets[u];
