@@ -31,6 +31,7 @@
 #include <span>
 
 #include "infuse/attention/attention.hpp"
+#include "infuse/attention/cpu/dequantize.hpp"
 #include "infuse/attention/options.hpp"
 #include "infuse/core/math.hpp"
 #include "infuse/exec/cpu.hpp"
@@ -43,32 +44,6 @@ namespace infuse::attention::cpu {
 namespace hn = hwy::HWY_NAMESPACE;
 
 namespace detail {
-
-using float_tag = hn::CappedTag<float, 16>;
-
-// `dims` floats, a multiple of 32: the compile-time Dims when nonzero.
-template <int Dims>
-INFUSE_FORCE_INLINE int dims_or(int runtime) {
-  return Dims > 0 ? Dims : runtime;
-}
-
-// The stored vector (codes, params) of format f, dequantized into out[0, f.stored_dim()).
-template <class S, int Stored>
-INFUSE_FORCE_INLINE void dequantize_vector(const kv::vector_format<S>& f, const std::uint8_t* codes,
-                                           const std::uint8_t* params, float* out) {
-  const gemm::cpu::float_tag<S> d;
-  constexpr int lanes = static_cast<int>(hn::MaxLanes(d));
-  const int blocks = dims_or<Stored>(f.stored_dim()) / quant::block_size;
-  const int group_dims = S::group > 0 ? S::group : dims_or<Stored>(f.stored_dim());
-  for (int b = 0; b < blocks; ++b) {
-    const auto p = f.group_params(params, b * quant::block_size / group_dims);
-    const std::uint8_t* block = codes + std::int64_t{b} * S::block_bytes;
-    for (int c = 0; c < quant::block_size; c += lanes) {
-      hn::StoreU(gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p), d,
-                 out + b * quant::block_size + c);
-    }
-  }
-}
 
 // a · b over n floats, n a multiple of 32.
 template <int Stored>

@@ -26,6 +26,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "infuse/attention/cpu/dequantize.hpp"
 #include "infuse/attention/options.hpp"
 #include "infuse/attention/prefill.hpp"
 #include "infuse/core/view.hpp"
@@ -49,30 +50,9 @@ inline constexpr int key_tile = 64;
 
 namespace detail {
 
-using float_tag = hn::ScalableTag<float>;
 inline constexpr int lanes = static_cast<int>(hn::MaxLanes(float_tag()));
 // Rows are padded to whole vectors, and to blocks of four rows for the P^T V step.
 inline constexpr int row_multiple = lanes > 4 ? lanes : 4;
-
-// One stored vector (a token's head) dequantized into `out` (stored_dim floats), with the same
-// float operations as quant::dequantize: equal to kv::vector_format::value bit for bit.
-template <class S>
-void dequantize_vector(const kv::vector_format<S>& format, const std::uint8_t* codes,
-                       const std::uint8_t* params, float* out) {
-  using tag = gemm::cpu::float_tag<S>;
-  const tag d;
-  constexpr int chunk = static_cast<int>(hn::MaxLanes(tag()));
-  const int blocks = format.blocks();
-  const int blocks_per_group = format.group_dims() / quant::block_size;
-  for (int b = 0; b < blocks; ++b) {
-    const auto p = format.group_params(params, b / blocks_per_group);
-    const std::uint8_t* block = codes + std::int64_t{b} * S::block_bytes;
-    for (int c = 0; c < quant::block_size; c += chunk) {
-      hn::StoreU(gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p), d,
-                 out + b * quant::block_size + c);
-    }
-  }
-}
 
 // scores[j][r0 .. r0 + Vectors * lanes) = keys[j] . qt[:, r] for four keys j: broadcast a key's
 // element, FMA into a vector of rows.
