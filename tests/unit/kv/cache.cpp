@@ -1,6 +1,7 @@
 #include <doctest/doctest.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -10,9 +11,12 @@
 
 #include "infuse/kv/page_pool.hpp"
 #include "infuse/quant/quant.hpp"
+#include "cache_model.hpp"
+#include "support/errors.hpp"
 #include "support/random.hpp"
 
 namespace kv = infuse::kv;
+using infuse::test::argument_of;
 
 namespace {
 
@@ -47,16 +51,6 @@ bool token_is(const Cache& cache, kv::sequence_id s, std::int64_t t, std::uint8_
   return true;
 }
 
-// The name of the argument the call's error names, or "(no error)".
-template <class Call>
-std::string argument_of(Call call) {
-  try {
-    call();
-  } catch (const infuse::error& failure) {
-    return failure.argument();
-  }
-  return "(no error)";
-}
 
 }  // namespace
 
@@ -227,140 +221,45 @@ TEST_CASE("kv::cache errors name the argument and leave the cache exactly as it 
 
 namespace {
 
-// The model: a sequence is a list of pages shared through shared_ptr (use_count is the reference
-// count), each page the byte pattern written to each of its slots.
-using model_page = std::shared_ptr<std::vector<std::uint8_t>>;
-struct model_sequence {
-  std::int64_t length = 0;
-  std::vector<model_page> pages;
-};
-
 template <int PageSize>
 void run_against_model(std::int32_t capacity, int operations) {
   INFUSE_RANDOM(rng);
-  kv::cache<kv::paged<PageSize>> cache(capacity, one_head, one_head);
-  std::map<kv::sequence_id, model_sequence> model;
-  kv::sequence_id last_id = -1;
-  const auto pages_for = [](std::int64_t tokens) { return (tokens + PageSize - 1) / PageSize; };
-  const auto live_pages = [&] {
-    std::set<const void*> pages;
-    for (const auto& [id, seq] : model) {
-      for (const model_page& page : seq.pages) pages.insert(page.get());
+  using cache_type = kv::cache<kv::paged<PageSize>>;
+  // A model page: the byte pattern written to each slot.
+  using model_page = std::array<std::uint8_t, PageSize>;
+  cache_type cache(capacity, one_head, one_head);
+  infuse::test::cache_model<cache_type, model_page> model(cache, rng, capacity, 12);
+  const auto append = [&] {
+    const kv::sequence_id s = model.pick();
+    const std::int64_t tokens = rng.integer(0, 9) == 0 ? rng.integer(0, capacity * PageSize)
+                                                       : rng.integer(0, 2 * PageSize + 1);
+    const auto found = model.sequences().find(s);
+    if (found == model.sequences().end()) {
+      return model.expect_error([&] { cache.append(s, tokens); }, "sequence");
     }
-    return static_cast<std::int32_t>(pages.size());
-  };
-  // A known sequence, or now and then one that is not (freed, or never created).
-  const auto pick = [&]() -> kv::sequence_id {
-    if (model.empty() || rng.integer(0, 19) == 0) return rng.integer(-1, last_id + 2);
-    auto at = model.begin();
-    std::advance(at, rng.integer(0, static_cast<std::int64_t>(model.size()) - 1));
-    return at->first;
-  };
-  int errors = 0;
-  const auto expect_error = [&](auto call, const char* argument) {
-    const auto before = cache;
-    CHECK(argument_of(call) == argument);
-    CHECK(cache == before);
-    CHECK(std::ranges::equal(cache.pool().all_bytes(), before.pool().all_bytes()));
-    ++errors;
-  };
-
-  for (int step = 0; step < operations; ++step) {
-    CAPTURE(step);
-    const std::int64_t action = rng.integer(0, 9);
-    if (action == 0 && model.size() < 12) {
-      last_id = cache.create();
-      model[last_id] = {};
-    } else if (action <= 4) {  // append
-      const kv::sequence_id s = pick();
-      const std::int64_t tokens = rng.integer(0, 9) == 0 ? rng.integer(0, capacity * PageSize)
-                                                         : rng.integer(0, 2 * PageSize + 1);
-      const auto found = model.find(s);
-      if (found == model.end()) {
-        expect_error([&] { cache.append(s, tokens); }, "sequence");
-        continue;
-      }
-      model_sequence& seq = found->second;
-      const bool copy =
-          tokens > 0 && seq.length % PageSize != 0 && seq.pages.back().use_count() > 1;
-      const std::int64_t needed =
-          pages_for(seq.length + tokens) - std::ssize(seq.pages) + (copy ? 1 : 0);
-      if (needed > capacity - live_pages()) {
-        expect_error([&] { cache.append(s, tokens); }, "tokens");
-        continue;
-      }
-      cache.append(s, tokens);
-      if (copy) seq.pages.back() = std::make_shared<std::vector<std::uint8_t>>(*seq.pages.back());
-      while (std::ssize(seq.pages) < pages_for(seq.length + tokens)) {
-        seq.pages.push_back(std::make_shared<std::vector<std::uint8_t>>(PageSize, 0));
-      }
-      for (std::int64_t t = seq.length; t < seq.length + tokens; ++t) {
-        const auto pattern = static_cast<std::uint8_t>(rng.bits32());
-        write_token(cache, s, t, pattern);
-        (*seq.pages[static_cast<std::size_t>(t / PageSize)])[t % PageSize] = pattern;
-      }
-      seq.length += tokens;
-    } else if (action <= 6) {  // fork
-      const kv::sequence_id s = pick();
-      if (!model.contains(s)) {
-        expect_error([&] { (void)cache.fork(s); }, "sequence");
-        continue;
-      }
-      last_id = cache.fork(s);
-      model[last_id] = model[s];
-    } else if (action <= 8) {  // truncate
-      const kv::sequence_id s = pick();
-      const auto found = model.find(s);
-      if (found == model.end()) {
-        expect_error([&] { cache.truncate(s, 0); }, "sequence");
-        continue;
-      }
-      model_sequence& seq = found->second;
-      const std::int64_t tokens = rng.integer(0, seq.length + 2);
-      if (tokens > seq.length) {
-        expect_error([&] { cache.truncate(s, tokens); }, "tokens");
-        continue;
-      }
-      cache.truncate(s, tokens);
-      seq.length -= tokens;
-      seq.pages.resize(static_cast<std::size_t>(pages_for(seq.length)));
-    } else {  // free
-      const kv::sequence_id s = pick();
-      if (!model.contains(s)) {
-        expect_error([&] { cache.free(s); }, "sequence");
-        continue;
-      }
-      cache.free(s);
-      model.erase(s);
+    auto& seq = found->second;
+    if (model.pages_needed(seq, tokens) > model.free_pages()) {
+      return model.expect_error([&] { cache.append(s, tokens); }, "tokens");
     }
-
-    // The cache against the model, all of it, after every operation.
-    REQUIRE(cache.sequences() == std::ssize(model));
-    REQUIRE(cache.pool().free_pages() == capacity - live_pages());
-    std::map<std::int32_t, const void*> same_page;  // a cache page is one model page, and back
-    std::map<const void*, std::int32_t> same_model_page;
-    for (const auto& [s, seq] : model) {
-      CAPTURE(s);
-      REQUIRE(cache.length(s) == seq.length);
-      const auto pages = cache.pages(s);
-      REQUIRE(std::ssize(pages) == std::ssize(seq.pages));
-      for (std::size_t i = 0; i < pages.size(); ++i) {
-        REQUIRE(cache.pool().ref_count(pages[i]) == seq.pages[i].use_count());
-        REQUIRE(same_page.emplace(pages[i], seq.pages[i].get()).first->second ==
-                seq.pages[i].get());
-        REQUIRE(same_model_page.emplace(seq.pages[i].get(), pages[i]).first->second == pages[i]);
-      }
+    cache.append(s, tokens);
+    model.make_room(seq, tokens);
+    for (std::int64_t t = seq.length; t < seq.length + tokens; ++t) {
+      const auto pattern = static_cast<std::uint8_t>(rng.bits32());
+      write_token(cache, s, t, pattern);
+      (*seq.pages[static_cast<std::size_t>(t / PageSize)])[t % PageSize] = pattern;
+    }
+    seq.length += tokens;
+  };
+  // Every token's bytes, after every operation.
+  const auto check_contents = [&] {
+    for (const auto& [s, seq] : model.sequences()) {
       for (std::int64_t t = 0; t < seq.length; ++t) {
         const auto pattern = (*seq.pages[static_cast<std::size_t>(t / PageSize)])[t % PageSize];
         if (!token_is(cache, s, t, pattern)) REQUIRE_MESSAGE(false, "token " << t << " differs");
       }
     }
-  }
-  // Errors were exercised, then everything goes back to the pool.
-  CHECK(errors > operations / 50);
-  for (const auto& [s, seq] : model) cache.free(s);
-  CHECK(cache.pool().free_pages() == capacity);
-  for (std::int32_t page = 0; page < capacity; ++page) CHECK(cache.pool().ref_count(page) == 0);
+  };
+  model.run(operations, append, check_contents);
 }
 
 }  // namespace

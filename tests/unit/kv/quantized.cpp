@@ -18,11 +18,14 @@
 #include "infuse/exec/cpu.hpp"
 #include "infuse/kv/kv.hpp"
 #include "infuse/quant/quant.hpp"
+#include "cache_model.hpp"
+#include "support/errors.hpp"
 #include "support/random.hpp"
 
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
 using infuse::host_view;
+using infuse::test::argument_of;
 
 namespace {
 
@@ -207,16 +210,6 @@ void check_contents(Cache& cache, std::span<const kv::sequence_id> seqs,
   }
 }
 
-// The name of the argument the call's error names, or "(no error)".
-template <class Call>
-std::string argument_of(Call call) {
-  try {
-    call();
-  } catch (const infuse::error& failure) {
-    return failure.argument();
-  }
-  return "(no error)";
-}
 
 }  // namespace
 
@@ -448,14 +441,9 @@ TEST_CASE("kv::cache batch append rejects bad input by name and changes nothing"
 
 namespace {
 
-// The model: sequences of pages shared through shared_ptr (use_count is the reference count),
-// each page the tokens written to its slots.
+// A model page: the tokens written to its slots.
 struct model_page {
   std::vector<token_data> slots;
-};
-struct model_sequence {
-  std::int64_t length = 0;
-  std::vector<std::shared_ptr<model_page>> pages;
 };
 
 template <int PageSize, class KScheme>
@@ -465,137 +453,65 @@ void run_against_model(std::int32_t capacity, int operations) {
   cache_type cache(capacity, {2, 8}, {1, 40});
   // One thread: the batches are a few tokens, and the parallel pass is covered above.
   const infuse::exec::cpu serial(1);
-  std::map<kv::sequence_id, model_sequence> model;
-  kv::sequence_id last_id = -1;
-  const auto pages_for = [](std::int64_t tokens) { return (tokens + PageSize - 1) / PageSize; };
-  const auto live_pages = [&] {
-    std::set<const void*> pages;
-    for (const auto& [id, seq] : model) {
-      for (const auto& page : seq.pages) pages.insert(page.get());
+  infuse::test::cache_model<cache_type, model_page> model(cache, rng, capacity, 10);
+  auto& sequences = model.sequences();
+  // A batch of appends with data, 1 to 3 sequences.
+  const auto append = [&] {
+    std::vector<kv::sequence_id> seqs;
+    std::vector<std::int64_t> counts;
+    const std::int64_t size = rng.integer(1, 3);
+    for (std::int64_t i = 0; i < size; ++i) {
+      seqs.push_back(model.pick());
+      counts.push_back(rng.integer(0, 14) == 0 ? rng.integer(-1, capacity * PageSize)
+                                               : rng.integer(0, PageSize + 2));
     }
-    return static_cast<std::int32_t>(pages.size());
-  };
-  const auto pick = [&]() -> kv::sequence_id {
-    if (model.empty() || rng.integer(0, 19) == 0) return rng.integer(-1, last_id + 2);
-    auto at = model.begin();
-    std::advance(at, rng.integer(0, static_cast<std::int64_t>(model.size()) - 1));
-    return at->first;
-  };
-  int errors = 0;
-  const auto expect_error = [&](auto call, const std::string& argument) {
-    const auto before = cache;
-    CHECK(argument_of(call) == argument);
-    CHECK(cache == before);
-    ++errors;
-  };
-
-  for (int step = 0; step < operations; ++step) {
-    CAPTURE(step);
-    const std::int64_t action = rng.integer(0, 9);
-    if (action == 0 && model.size() < 10) {
-      last_id = cache.create();
-      model[last_id] = {};
-    } else if (action <= 4) {  // a batch of appends with data, 1 to 3 sequences
-      std::vector<kv::sequence_id> seqs;
-      std::vector<std::int64_t> counts;
-      const std::int64_t size = rng.integer(1, 3);
-      for (std::int64_t i = 0; i < size; ++i) {
-        seqs.push_back(pick());
-        counts.push_back(rng.integer(0, 14) == 0 ? rng.integer(-1, capacity * PageSize)
-                                                 : rng.integer(0, PageSize + 2));
+    // The first check that fails, in the order the cache checks.
+    std::string fault;
+    std::int64_t new_pages = 0;
+    for (std::size_t i = 0; i < seqs.size() && fault.empty(); ++i) {
+      const auto found = sequences.find(seqs[i]);
+      if (found == sequences.end() ||
+          std::count(seqs.begin(), seqs.begin() + std::ptrdiff_t(i), seqs[i]) > 0) {
+        fault = "seqs[" + std::to_string(i) + "]";
+      } else if (counts[i] < 0) {
+        fault = "counts[" + std::to_string(i) + "]";
+      } else {
+        new_pages += model.pages_needed(found->second, counts[i]);
       }
-      // The first check that fails, in the order the cache checks.
-      std::string fault;
-      std::int64_t new_pages = 0;
-      for (std::size_t i = 0; i < seqs.size() && fault.empty(); ++i) {
-        const auto found = model.find(seqs[i]);
-        if (found == model.end() ||
-            std::count(seqs.begin(), seqs.begin() + std::ptrdiff_t(i), seqs[i]) > 0) {
-          fault = "seqs[" + std::to_string(i) + "]";
-        } else if (counts[i] < 0) {
-          fault = "counts[" + std::to_string(i) + "]";
-        } else if (counts[i] > 0) {
-          const model_sequence& seq = found->second;
-          const bool copy = seq.length % PageSize != 0 && seq.pages.back().use_count() > 1;
-          new_pages += pages_for(seq.length + counts[i]) - std::ssize(seq.pages) + (copy ? 1 : 0);
-        }
-      }
-      if (fault.empty() && new_pages > capacity - live_pages()) fault = "counts";
-      if (!fault.empty()) {
-        std::int64_t rows = 0;
-        for (const std::int64_t count : counts) rows += std::max<std::int64_t>(count, 0);
-        std::vector<float> k(std::size_t(rows * 16)), v(std::size_t(rows * 40));
-        expect_error(
-            [&] {
-              cache.append(serial, seqs, counts, host_view<const float, 3>(k.data(), {rows, 2, 8}),
-                           host_view<const float, 3>(v.data(), {rows, 1, 40}));
-            },
-            fault);
-        continue;
-      }
-      std::map<kv::sequence_id, std::vector<token_data>> appended;
-      append_random(cache, rng, seqs, counts, appended, serial);
-      for (std::size_t i = 0; i < seqs.size(); ++i) {
-        model_sequence& seq = model[seqs[i]];
-        if (counts[i] == 0) continue;
-        if (seq.length % PageSize != 0 && seq.pages.back().use_count() > 1) {
-          seq.pages.back() = std::make_shared<model_page>(*seq.pages.back());
-        }
-        for (const token_data& token : appended[seqs[i]]) {
-          if (seq.length % PageSize == 0) seq.pages.push_back(std::make_shared<model_page>());
-          auto& slots = seq.pages.back()->slots;
-          slots.resize(std::size_t(seq.length % PageSize));  // drops what a truncate left
-          slots.push_back(token);
-          ++seq.length;
-        }
-      }
-    } else if (action <= 6) {  // fork
-      const kv::sequence_id s = pick();
-      if (!model.contains(s)) {
-        expect_error([&] { (void)cache.fork(s); }, "sequence");
-        continue;
-      }
-      last_id = cache.fork(s);
-      model[last_id] = model[s];
-    } else if (action <= 8) {  // truncate
-      const kv::sequence_id s = pick();
-      const auto found = model.find(s);
-      if (found == model.end()) {
-        expect_error([&] { cache.truncate(s, 0); }, "sequence");
-        continue;
-      }
-      model_sequence& seq = found->second;
-      const std::int64_t tokens = rng.integer(0, seq.length + 2);
-      if (tokens > seq.length) {
-        expect_error([&] { cache.truncate(s, tokens); }, "tokens");
-        continue;
-      }
-      cache.truncate(s, tokens);
-      seq.length -= tokens;
-      seq.pages.resize(static_cast<std::size_t>(pages_for(seq.length)));
-    } else {  // free
-      const kv::sequence_id s = pick();
-      if (!model.contains(s)) {
-        expect_error([&] { cache.free(s); }, "sequence");
-        continue;
-      }
-      cache.free(s);
-      model.erase(s);
     }
-
-    // The cache against the model after every operation: pages, lengths, key bounds, and the
-    // contents of a few tokens.
-    REQUIRE(cache.sequences() == std::ssize(model));
-    REQUIRE(cache.pool().free_pages() == capacity - live_pages());
+    if (fault.empty() && new_pages > model.free_pages()) fault = "counts";
+    if (!fault.empty()) {
+      std::int64_t rows = 0;
+      for (const std::int64_t count : counts) rows += std::max<std::int64_t>(count, 0);
+      std::vector<float> k(std::size_t(rows * 16)), v(std::size_t(rows * 40));
+      return model.expect_error(
+          [&] {
+            cache.append(serial, seqs, counts, host_view<const float, 3>(k.data(), {rows, 2, 8}),
+                         host_view<const float, 3>(v.data(), {rows, 1, 40}));
+          },
+          fault);
+    }
+    std::map<kv::sequence_id, std::vector<token_data>> appended;
+    append_random(cache, rng, seqs, counts, appended, serial);
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      auto& seq = sequences[seqs[i]];
+      model.make_room(seq, counts[i]);
+      for (const token_data& token : appended[seqs[i]]) {
+        auto& slots = seq.pages[std::size_t(seq.length / PageSize)]->slots;
+        slots.resize(std::size_t(seq.length % PageSize));  // drops what a truncate left
+        slots.push_back(token);
+        ++seq.length;
+      }
+    }
+  };
+  // Key bounds of every page, and the contents of a few tokens.
+  const auto check_contents = [&] {
     std::vector<kv::sequence_id> live;
-    for (const auto& [s, seq] : model) {
-      REQUIRE(cache.length(s) == seq.length);
-      live.push_back(s);
-    }
+    for (const auto& [s, seq] : sequences) live.push_back(s);
     check_key_bounds(cache, live);
     for (int probe = 0; probe < 3 && !live.empty(); ++probe) {
       const kv::sequence_id s = live[std::size_t(rng.integer(0, std::ssize(live) - 1))];
-      const model_sequence& seq = model[s];
+      const auto& seq = sequences[s];
       if (seq.length == 0) continue;
       const std::int64_t t = rng.integer(0, seq.length - 1);
       const kv::token_location at = cache.locate(s, t);
@@ -604,10 +520,8 @@ void run_against_model(std::int32_t capacity, int operations) {
       REQUIRE(misread_elements(cache.format(), cache.pool().bytes(at.page).data(), at.slot,
                                token) == 0);
     }
-  }
-  CHECK(errors > operations / 50);
-  for (const auto& [s, seq] : model) cache.free(s);
-  CHECK(cache.pool().free_pages() == capacity);
+  };
+  model.run(operations, append, check_contents);
 }
 
 }  // namespace

@@ -17,6 +17,7 @@
 #include "infuse/kv/cpu/compact.hpp"
 #include "infuse/quant/quant.hpp"
 #include "reference/retention.hpp"
+#include "support/errors.hpp"
 #include "support/random.hpp"
 
 namespace kv = infuse::kv;
@@ -24,6 +25,7 @@ namespace retain = infuse::kv::retain;
 namespace ref = infuse::reference;
 namespace quant = infuse::quant;
 using infuse::host_view;
+using infuse::test::argument_of;
 
 namespace {
 
@@ -164,17 +166,6 @@ struct store {
     }
   }
 };
-
-// The name of the argument the call's error names, or "(no error)".
-template <class Call>
-std::string argument_of(Call call) {
-  try {
-    call();
-  } catch (const infuse::error& failure) {
-    return failure.argument();
-  }
-  return "(no error)";
-}
 
 // A random subset of [0, length), ascending; about `share` of the positions.
 std::vector<std::int32_t> random_subset(infuse::test::seeded_rng& rng, std::int64_t length,
