@@ -97,6 +97,7 @@ bool spot_check(std::int64_t rows, std::int64_t cols, std::int64_t batch, const 
 template <class S, class Activations>
 void gemv_quantized(benchmark::State& state) {
   constexpr bool int8_x = std::is_same_v<Activations, infuse::gemm::int8_activations>;
+  constexpr bool tables = std::is_same_v<Activations, infuse::gemm::lut_activations>;
   const std::int64_t rows = state.range(0);
   const std::int64_t cols = state.range(1);
   const std::int64_t batch = state.range(2);
@@ -106,11 +107,13 @@ void gemv_quantized(benchmark::State& state) {
   const infuse::exec::cpu exec;
   const host_view<const float, 2> xv(x.data(), {batch, cols});
   const host_view<float, 2> yv(y.data(), {batch, rows});
-  // The int8 activations' workspace, allocated once, outside the timed loop.
-  std::vector<std::byte> workspace(
-      int8_x ? static_cast<std::size_t>(infuse::gemm::int8_workspace_bytes(batch, cols)) : 0);
+  // The int8 activations' or the lookup tables' workspace, allocated once, outside the timed loop.
+  std::vector<std::byte> workspace(static_cast<std::size_t>(
+      int8_x   ? infuse::gemm::int8_workspace_bytes(batch, cols)
+      : tables ? infuse::gemm::lut_workspace_bytes(batch, cols)
+               : 0));
   Activations activations{};
-  if constexpr (int8_x) activations = {workspace.data(), std::int64_t(workspace.size())};
+  if constexpr (int8_x || tables) activations = {workspace.data(), std::int64_t(workspace.size())};
   for (auto _ : state) {
     infuse::gemv(exec, q.view(), xv, yv, {}, activations);
     benchmark::ClobberMemory();
@@ -167,7 +170,8 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->UseRealTime();
 }
 
-// gemv.SCHEME: float activations; gemv.SCHEME_xint8: x quantized to int8 per block of 32.
+// gemv.SCHEME: float activations; gemv.SCHEME_xint8: x quantized to int8 per block of 32;
+// gemv.SCHEME_lut: bcq weights by lookup tables of x (LUT-GEMM).
 template <class S>
 void register_scheme() {
   benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(),
@@ -176,6 +180,11 @@ void register_scheme() {
   if constexpr (infuse::gemm::detail::is_integer_scheme<S>) {
     benchmark::RegisterBenchmark((std::string("gemv.") + S::name + "_xint8").c_str(),
                                  gemv_quantized<S, infuse::gemm::int8_activations>)
+        ->Apply(shapes);
+  }
+  if constexpr (infuse::gemm::detail::is_bcq_scheme<S>) {
+    benchmark::RegisterBenchmark((std::string("gemv.") + S::name + "_lut").c_str(),
+                                 gemv_quantized<S, infuse::gemm::lut_activations>)
         ->Apply(shapes);
   }
 }

@@ -33,6 +33,7 @@
 #include "infuse/core/concepts.hpp"
 #include "infuse/core/error.hpp"
 #include "infuse/core/view.hpp"
+#include "infuse/quant/bcq.hpp"
 #include "infuse/quant/int.hpp"
 #include "infuse/quant/matrix.hpp"
 #include "infuse/quant/scheme.hpp"
@@ -82,10 +83,43 @@ constexpr std::int64_t int8_workspace_bytes(std::int64_t batch, std::int64_t k) 
   return 64 + batch * (2 * padded_k + padded_k / 8);
 }
 
+// x as lookup tables for quant::bcq weights (LUT-GEMM): for every 8 inputs the 256 sums of +/-x_j
+// over the sign patterns, so that each byte of a weight bit plane indexes its partial sum and no
+// weight is dequantized. The workspace is the caller's, at least lut_workspace_bytes(batch, k)
+// bytes, 4-byte aligned, not shared with a concurrent call. CPU only.
+struct lut_activations {
+  void* workspace = nullptr;
+  std::int64_t bytes = 0;
+};
+
+// Bytes of workspace the tables of a (batch, k) x need: per batch row k / 8 tables of 256 floats
+// and a sum per block of 32 inputs, plus slack to align them.
+constexpr std::int64_t lut_workspace_bytes(std::int64_t batch, std::int64_t k) {
+  return 64 + batch * (k / 8 * 256 + k / 32) * 4;
+}
+
 namespace detail {
 
 template <class T>
 inline constexpr bool always_false = false;
+
+template <class S>
+inline constexpr bool is_bcq_scheme = false;
+template <int Bits, int Group>
+inline constexpr bool is_bcq_scheme<quant::bcq<Bits, Group>> = true;
+
+// The workspace an activation policy needs, and the name of the function that sizes it.
+template <class Activations>
+constexpr std::int64_t activation_workspace_bytes(std::int64_t batch, std::int64_t k) {
+  if constexpr (std::is_same_v<Activations, int8_activations>) {
+    return int8_workspace_bytes(batch, k);
+  } else {
+    return lut_workspace_bytes(batch, k);
+  }
+}
+template <class Activations>
+inline constexpr const char* workspace_function =
+    std::is_same_v<Activations, int8_activations> ? "int8_workspace_bytes" : "lut_workspace_bytes";
 
 template <class S>
 inline constexpr bool is_integer_scheme = false;
@@ -129,7 +163,7 @@ void check_gemv_arguments(const quant::matrix<S, Space>& w, const view<const flo
           static_cast<const void*>(y.data()), "a pointer aligned to 4 bytes");
 }
 
-// The host checks of the epilogue and of int8 activations.
+// The host checks of the epilogue and of the activation workspace.
 template <class S, class Space, class Activations>
 void check_fused_arguments(const quant::matrix<S, Space>&, std::int64_t batch, std::int64_t n,
                            std::int64_t k, const gemv_options& options,
@@ -149,27 +183,32 @@ void check_fused_arguments(const quant::matrix<S, Space>&, std::int64_t batch, s
               options.activation == act::gelu,
           call, "options.activation", static_cast<int>(options.activation),
           "act::none, act::silu or act::gelu");
-  if constexpr (std::is_same_v<Activations, int8_activations>) {
+  if constexpr (!std::is_same_v<Activations, float_activations>) {
+    const std::string sizing = std::string(detail::workspace_function<Activations>) + "(batch, k)";
+    const std::int64_t needed = detail::activation_workspace_bytes<Activations>(batch, k);
     require(activations.workspace != nullptr, call, "activations.workspace", activations.workspace,
-            "a pointer to int8_workspace_bytes(batch, k) bytes");
+            "a pointer to " + sizing + " bytes");
     require(reinterpret_cast<std::uintptr_t>(activations.workspace) % alignof(float) == 0, call,
             "activations.workspace", activations.workspace, "a pointer aligned to 4 bytes");
-    require(activations.bytes >= int8_workspace_bytes(batch, k), call, "activations.bytes",
-            activations.bytes,
-            "at least int8_workspace_bytes(batch, k) = " +
-                std::to_string(int8_workspace_bytes(batch, k)));
+    require(activations.bytes >= needed, call, "activations.bytes", activations.bytes,
+            "at least " + sizing + " = " + std::to_string(needed));
   }
 }
 
 template <class S, class Activations>
 constexpr void static_check_activations() {
   static_assert(std::is_same_v<Activations, float_activations> ||
-                    std::is_same_v<Activations, int8_activations>,
-                "infuse: gemv takes gemm::float_activations or gemm::int8_activations as its "
-                "activation policy; see docs/policies.md#quantized-gemv");
-  static_assert(std::is_same_v<Activations, float_activations> || detail::is_integer_scheme<S>,
+                    std::is_same_v<Activations, int8_activations> ||
+                    std::is_same_v<Activations, lut_activations>,
+                "infuse: gemv takes gemm::float_activations, gemm::int8_activations or "
+                "gemm::lut_activations as its activation policy; see "
+                "docs/policies.md#quantized-gemv");
+  static_assert(!std::is_same_v<Activations, int8_activations> || detail::is_integer_scheme<S>,
                 "infuse: gemm::int8_activations needs an integer scheme (quant::int_) for its "
                 "integer dot products; see docs/policies.md#quantized-gemv");
+  static_assert(!std::is_same_v<Activations, lut_activations> || detail::is_bcq_scheme<S>,
+                "infuse: gemm::lut_activations needs binary-coded weights (quant::bcq), whose "
+                "bit planes index the tables; see docs/policies.md#quantized-gemv");
 }
 
 // y(b, n) = sum_k W(n, k) x(b, k), then the epilogue of `options`: w (n,k), x (batch,k),

@@ -30,6 +30,7 @@
 #include "infuse/core/float_types.hpp"
 #include "infuse/exec/cpu.hpp"
 #include "infuse/gemm/gemv.hpp"
+#include "infuse/gemm/cpu/lut.hpp"
 #include "infuse/quant/bcq.hpp"
 #include "infuse/quant/fp8.hpp"
 #include "infuse/quant/int.hpp"
@@ -703,6 +704,25 @@ void run_int8(const exec::cpu& exec, const quant::matrix<S, host_memory>& w,
   });
 }
 
+// The whole product of bcq weights by table lookups: the tables of x built into the workspace,
+// then the tiles.
+template <class S>
+void run_lut(const exec::cpu& exec, const quant::matrix<S, host_memory>& w,
+             const quant::matrix<S, host_memory>* w_up, host_view<const float, 2> x,
+             const epilogue& e, const lut_activations& activations) {
+  const std::int64_t batch = x.extent(0);
+  const auto layout = lut_x_layout::of(activations.workspace, w.cols);
+  exec.parallel_for(batch, [&](std::int64_t b) { build_lut_tables(&x(b, 0), layout, b); });
+  run_tiles(exec, w, w_up, batch, e, [&]<int Batch>(std::int64_t b0) {
+    lut_rows<S, Batch> kernel{};
+    for (int b = 0; b < Batch; ++b) {
+      kernel.tables[b] = layout.tables(b0 + b);
+      kernel.block_sums[b] = layout.block_sums(b0 + b);
+    }
+    return kernel;
+  });
+}
+
 }  // namespace detail
 
 }  // namespace infuse::gemm::cpu
@@ -730,6 +750,8 @@ struct gemv_body<exec::cpu> {
         y.data(),         y.stride(0)};
     if constexpr (std::is_same_v<Activations, int8_activations>) {
       cpu::detail::run_int8<cpu::detail::has_vnni>(exec, w, w_up, x, e, activations);
+    } else if constexpr (std::is_same_v<Activations, lut_activations>) {
+      cpu::detail::run_lut(exec, w, w_up, x, e, activations);
     } else {
       cpu::detail::run_tiles(exec, w, w_up, x.extent(0), e, [&]<int Batch>(std::int64_t b0) {
         return cpu::detail::float_rows<S, Batch>{&x(b0, 0), x.stride(0)};

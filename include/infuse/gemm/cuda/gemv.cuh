@@ -315,7 +315,7 @@ struct gemv_body<exec::cuda> {
                         const gemv_options& options, act gate, const Activations&) {
     static_assert(std::is_same_v<Activations, float_activations>,
                   "infuse: the CUDA gemv takes float activations (gemm::float_activations); "
-                  "int8 activations are CPU only; see docs/policies.md#quantized-gemv");
+                  "int8 and lut activations are CPU only; see docs/policies.md#quantized-gemv");
     cuda::check_cuda_gemv_arguments(w);
     if (w_up != nullptr) cuda::check_cuda_gemv_arguments(*w_up);
     if (w.rows == 0) return;
