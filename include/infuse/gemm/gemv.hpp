@@ -65,6 +65,11 @@ struct gemv_options {
   act activation = act::none;        // after the bias; gated_gemv takes its gate separately
   const float* residual = nullptr;   // (batch,n) with row stride residual_stride, added last
   std::int64_t residual_stride = 0;  // 0: n
+  // Inputs in another order (GPTQ act-order, quant/import.hpp): column c of w multiplies
+  // x(b, input_order[c]); x is gathered through it into input_workspace, (batch,k) floats of the
+  // caller's, first. Null: column c multiplies x(b, c).
+  const std::int32_t* input_order = nullptr;  // (k), a permutation of 0..k-1
+  float* input_workspace = nullptr;           // (batch,k), with input_order
 };
 
 // Activation policies, the last argument of gemv and gated_gemv (a compile-time choice).
@@ -183,6 +188,21 @@ void check_fused_arguments(const quant::matrix<S, Space>&, std::int64_t batch, s
               options.activation == act::gelu,
           call, "options.activation", static_cast<int>(options.activation),
           "act::none, act::silu or act::gelu");
+  if (options.input_order != nullptr) {
+    require(options.input_workspace != nullptr, call, "options.input_workspace",
+            static_cast<const void*>(options.input_workspace),
+            "a pointer to batch * k floats (x gathered through options.input_order)");
+    require(reinterpret_cast<std::uintptr_t>(options.input_workspace) % alignof(float) == 0, call,
+            "options.input_workspace", static_cast<const void*>(options.input_workspace),
+            "a pointer aligned to 4 bytes");
+    if constexpr (std::is_same_v<Space, host_memory>) {  // device orders are clamped when read
+      for (std::int64_t c = 0; c < k; ++c) {
+        require(options.input_order[c] >= 0 && options.input_order[c] < k, call,
+                "options.input_order[" + std::to_string(c) + "]", options.input_order[c],
+                "an input index below k = " + std::to_string(k));
+      }
+    }
+  }
   if constexpr (!std::is_same_v<Activations, float_activations>) {
     const std::string sizing = std::string(detail::workspace_function<Activations>) + "(batch, k)";
     const std::int64_t needed = detail::activation_workspace_bytes<Activations>(batch, k);
@@ -223,7 +243,8 @@ void gemv(const Exec& exec, const quant::matrix<S, Space>& w,
   static_check_activations<S, Activations>();
   check_gemv_arguments(w, x, y);
   if constexpr (std::is_same_v<Activations, float_activations>) {
-    if (options.bias == nullptr && options.residual == nullptr && options.activation == act::none) {
+    if (options.bias == nullptr && options.residual == nullptr &&
+        options.activation == act::none && options.input_order == nullptr) {
       detail::gemv_body<Exec>::run(exec, w, x, y, options);
       return;
     }

@@ -16,18 +16,7 @@
 // values c..c+L-1, no shuffle.
 //
 // GPTQ and AWQ checkpoints (4-bit, group G) are int_<4, G, zero_point> after repacking codes and
-// zeros; their scales (fp16) widen to float unchanged, and nothing is re-quantized:
-//   GPTQ: qweight int32 (K/8, N): bits 4i..4i+3 of qweight[k/8][n] hold the code of input
-//         k = 8*(k/8) + i of output n (column-major in our terms); qzeros int32 (K/G, N/8), nibble
-//         i of qzeros[g][n/8] holds output n = 8*(n/8) + i, stored minus one: zero = stored + 1
-//         (the "zero-1" convention of the original GPTQ packer; checkpoints marked
-//         sym=false with the fixed v2 format store the zero itself). w = scale * (u - zero).
-//         With act-order (desc_act) the group of input k is g_idx[k] instead of k / G: keep the
-//         checkpoint's input order, permute x by g_idx's sort order before the product (the kernel
-//         reads x through that permutation), so groups stay consecutive.
-//   AWQ:  qweight int32 (K, N/8): nibble p of qweight[k][n/8] holds output n = 8*(n/8) +
-//         order[p], order = {0, 2, 4, 6, 1, 3, 5, 7}; qzeros int32 (K/G, N/8) in the same nibble
-//         order, zero stored as is. w = scale * (u - zero).
+// zeros, with nothing re-quantized: quant/import.hpp (from_gptq, from_awq) has their orders.
 #pragma once
 
 #include <cmath>
@@ -138,7 +127,8 @@ struct int_ {
   // Symmetric: scale = clip * max|w| / (2^(Bits-1) - 1), so both signs fit without clamping
   // (the code 0 = -2^(Bits-1) stays unused, as in GPTQ's symmetric mode). Zero point: the range
   // [min(w, 0), max(w, 0)] times clip over 2^Bits - 1 steps, the zero rounded into [0, 2^Bits).
-  static stored_group<int_> fit(const float* values, std::int64_t count, float clip) {
+  INFUSE_HOST_DEVICE static stored_group<int_> fit(const float* values, std::int64_t count,
+                                                   float clip) {
     float lo = 0.0f;
     float hi = 0.0f;
     // Plain comparisons (NaN skipped, as fmin/fmax do) vectorize; fmin/fmax are library calls.

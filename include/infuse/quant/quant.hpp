@@ -4,6 +4,7 @@
 
 #include "infuse/quant/bcq.hpp"
 #include "infuse/quant/fp8.hpp"
+#include "infuse/quant/import.hpp"
 #include "infuse/quant/int.hpp"
 #include "infuse/quant/matrix.hpp"
 #include "infuse/quant/none.hpp"

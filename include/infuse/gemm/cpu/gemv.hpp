@@ -704,6 +704,17 @@ void run_int8(const exec::cpu& exec, const quant::matrix<S, host_memory>& w,
   });
 }
 
+// x(b, input_order[c]) into the caller's input workspace, as the x the kernels read.
+inline host_view<const float, 2> gather_inputs(const exec::cpu& exec, host_view<const float, 2> x,
+                                               const gemv_options& options) {
+  const std::int64_t k = x.extent(1);
+  exec.parallel_for(x.extent(0), [&](std::int64_t b) {
+    float* row = options.input_workspace + b * k;
+    for (std::int64_t c = 0; c < k; ++c) row[c] = x(b, options.input_order[c]);
+  });
+  return host_view<const float, 2>(options.input_workspace, {x.extent(0), k});
+}
+
 // The whole product of bcq weights by table lookups: the tables of x built into the workspace,
 // then the tiles.
 template <class S>
@@ -743,6 +754,7 @@ struct gemv_body<exec::cpu> {
                         const quant::matrix<S, host_memory>* w_up, host_view<const float, 2> x,
                         host_view<float, 2> y, const gemv_options& options, act gate,
                         const Activations& activations) {
+    if (options.input_order != nullptr) x = cpu::detail::gather_inputs(exec, x, options);
     const cpu::detail::epilogue e{
         options.bias,     options.activation,
         w_up != nullptr,  gate,

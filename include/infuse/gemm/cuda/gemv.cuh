@@ -134,8 +134,8 @@ struct epilogue {
   const float* residual;
   std::int64_t residual_stride;
 
-  __device__ INFUSE_FORCE_INLINE float operator()(float product, float up, std::int64_t row,
-                                                  int b, bool gated) const {
+  __device__ INFUSE_FORCE_INLINE float operator()(float product, float up, std::int64_t row, int b,
+                                                  bool gated) const {
     float value = gated ? apply(gate, product) * up
                         : apply(activation, bias != nullptr ? product + bias[row] : product);
     if (residual != nullptr) value += residual[b * residual_stride + row];
@@ -150,8 +150,8 @@ struct epilogue {
 template <class S, int Batch, bool Gated>
 __global__ void __launch_bounds__(threads_per_block)
     gemv_kernel(quant::matrix<S, device_memory> w, quant::matrix<S, device_memory> w_up,
-                const float* __restrict__ x, std::int64_t x_stride, float* y,
-                std::int64_t y_stride, int batch, epilogue finish) {
+                const float* __restrict__ x, std::int64_t x_stride, float* y, std::int64_t y_stride,
+                int batch, epilogue finish) {
   __shared__ float4 x_tile[Batch][chunk_vectors];  // (Batch, chunk_inputs / 4), swizzled
   const int warp = static_cast<int>(threadIdx.x) / 32;
   const int lane = static_cast<int>(threadIdx.x) % 32;
@@ -264,6 +264,31 @@ void launch_gemv_tile(const exec::cuda& exec, const quant::matrix<S, device_memo
   }
 }
 
+// out(b, c) = x(b, order[c]): x gathered through the inputs' order (GPTQ act-order). An order
+// entry outside [0, k) reads as 0: the host cannot check a device array.
+template <class T>
+__global__ void gather_inputs_kernel(const T* __restrict__ x, std::int64_t x_stride,
+                                     const std::int32_t* __restrict__ order, T* out,
+                                     std::int64_t batch, std::int64_t k) {
+  const std::int64_t i = std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
+  if (i >= batch * k) return;
+  const std::int64_t b = i / k;
+  const std::int32_t input = order[i % k];
+  out[i] = input >= 0 && input < k ? x[b * x_stride + input] : T{};
+}
+
+inline device_view<const float, 2> gather_inputs(const exec::cuda& exec,
+                                                 device_view<const float, 2> x,
+                                                 const gemv_options& options) {
+  const std::int64_t batch = x.extent(0);
+  const std::int64_t k = x.extent(1);
+  const std::int64_t count = batch * k;
+  exec.launch(gather_inputs_kernel<float>, dim3(static_cast<unsigned>((count + 255) / 256)),
+              dim3(256), 0, x.data(), x.stride(0), options.input_order, options.input_workspace,
+              batch, k);
+  return device_view<const float, 2>(options.input_workspace, {batch, k});
+}
+
 // Every batch tile of a product, gated or not.
 template <bool Gated, class S>
 void run_tiles(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
@@ -310,15 +335,16 @@ struct gemv_body<exec::cuda> {
 
   template <class S, class Activations>
   static void run_fused(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-                        const quant::matrix<S, device_memory>* w_up,
-                        device_view<const float, 2> x, device_view<float, 2> y,
-                        const gemv_options& options, act gate, const Activations&) {
+                        const quant::matrix<S, device_memory>* w_up, device_view<const float, 2> x,
+                        device_view<float, 2> y, const gemv_options& options, act gate,
+                        const Activations&) {
     static_assert(std::is_same_v<Activations, float_activations>,
                   "infuse: the CUDA gemv takes float activations (gemm::float_activations); "
                   "int8 and lut activations are CPU only; see docs/policies.md#quantized-gemv");
     cuda::check_cuda_gemv_arguments(w);
     if (w_up != nullptr) cuda::check_cuda_gemv_arguments(*w_up);
     if (w.rows == 0) return;
+    if (options.input_order != nullptr) x = cuda::detail::gather_inputs(exec, x, options);
     const cuda::detail::epilogue finish{
         options.bias, options.activation, gate, options.residual,
         options.residual_stride == 0 ? w.rows : options.residual_stride};
