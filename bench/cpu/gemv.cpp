@@ -22,6 +22,7 @@
 #endif
 
 #include "infuse/gemm/cpu/gemv.hpp"
+#include "infuse/gemm/cpu/wina.hpp"
 #include "infuse/quant/quant.hpp"
 #include "support/cpu_bandwidth.hpp"
 #include "support/harness.hpp"
@@ -108,10 +109,10 @@ void gemv_quantized(benchmark::State& state) {
   const host_view<const float, 2> xv(x.data(), {batch, cols});
   const host_view<float, 2> yv(y.data(), {batch, rows});
   // The int8 activations' or the lookup tables' workspace, allocated once, outside the timed loop.
-  std::vector<std::byte> workspace(static_cast<std::size_t>(
-      int8_x   ? infuse::gemm::int8_workspace_bytes(batch, cols)
-      : tables ? infuse::gemm::lut_workspace_bytes(batch, cols)
-               : 0));
+  std::vector<std::byte> workspace(
+      static_cast<std::size_t>(int8_x   ? infuse::gemm::int8_workspace_bytes(batch, cols)
+                               : tables ? infuse::gemm::lut_workspace_bytes(batch, cols)
+                                        : 0));
   Activations activations{};
   if constexpr (int8_x || tables) activations = {workspace.data(), std::int64_t(workspace.size())};
   for (auto _ : state) {
@@ -161,6 +162,42 @@ void gemv_openblas(benchmark::State& state) {
 }
 #endif
 
+// WINA sparse activation (gemm::wina_gemv) on W^T (k, n): the threshold keeps `percent` of the
+// inputs of x; bytes counted are the rows of the inputs that pass. Compare with gemv.int4_g128
+// of the same n x k in the same run: at 100% the two read the same bytes.
+void gemv_wina(benchmark::State& state) {
+  using S = quant::int_<4, 128>;
+  const std::int64_t rows = state.range(0);
+  const std::int64_t cols = state.range(1);
+  const std::int64_t batch = state.range(2);
+  const double share = double(state.range(3)) / 100.0;
+  const auto& w_t = random_weights<S>(cols, rows);
+  static std::map<std::pair<std::int64_t, std::int64_t>, std::vector<float>> norm_cache;
+  auto& norms = norm_cache[{cols, rows}];
+  if (norms.empty()) norms = infuse::gemm::wina_column_norms(w_t.view());
+  const auto x = random_input(batch * cols);
+  std::vector<float> scores(static_cast<std::size_t>(cols));
+  for (std::int64_t i = 0; i < cols; ++i) {
+    scores[static_cast<std::size_t>(i)] = std::fabs(x[static_cast<std::size_t>(i)]) * norms[i];
+  }
+  std::sort(scores.begin(), scores.end());
+  const float threshold =
+      share >= 1.0 ? 0.0f : scores[static_cast<std::size_t>((1.0 - share) * double(cols - 1))];
+  std::vector<float> y(static_cast<std::size_t>(batch * rows));
+  std::vector<std::byte> workspace(static_cast<std::size_t>(
+      infuse::gemm::wina_workspace_bytes(batch, cols, rows, infuse::exec::cpu{}.threads())));
+  const infuse::exec::cpu exec;
+  for (auto _ : state) {
+    infuse::gemm::wina_gemv(exec, w_t.view(), norms,
+                            host_view<const float, 2>(x.data(), {batch, cols}),
+                            host_view<float, 2>(y.data(), {batch, rows}), threshold, {}, workspace);
+    benchmark::ClobberMemory();
+  }
+  bench::set_bytes(state, share * double(w_t.bytes()) + 4.0 * double(batch * (rows + cols)),
+                   bench::cpu::measured_bandwidth().read_gbps);
+  state.counters["inputs kept"] = share;
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"n", "k", "batch"});
   for (const auto& [n, k] : {std::pair{4096, 4096}, std::pair{14336, 4096}, std::pair{4096, 14336},
@@ -198,6 +235,13 @@ const bool registered = [] {
   register_scheme<quant::fp8<infuse::fp8_e4m3, quant::per_channel>>();
   register_scheme<quant::bcq<3, 128>>();
   register_scheme<quant::none<infuse::bfloat16>>();
+  benchmark::RegisterBenchmark("gemv.wina_int4_g128", gemv_wina)
+      ->ArgNames({"n", "k", "batch", "percent"})
+      ->Args({4096, 14336, 1, 100})
+      ->Args({4096, 14336, 1, 50})
+      ->Args({4096, 14336, 1, 35})
+      ->Args({4096, 14336, 4, 35})
+      ->UseRealTime();
 #if defined(INFUSE_BENCH_HAVE_OPENBLAS)
   benchmark::RegisterBenchmark("gemv.anchor_openblas", gemv_openblas)->Apply(shapes);
 #endif
