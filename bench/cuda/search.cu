@@ -12,6 +12,9 @@
 #include <vector>
 
 #include "infuse/exec/cuda.cuh"
+#include "infuse/gemm/cuda/gemv.cuh"
+#include "infuse/quant/quant.hpp"
+#include "infuse/search/cuda/fused_head.cuh"
 #include "infuse/search/cuda/sample.cuh"
 #include "support/gpu.cuh"
 #include "support/gpu_bandwidth.cuh"
@@ -141,3 +144,77 @@ void greedy_shapes(benchmark::internal::Benchmark* benchmark) {
 BENCHMARK(sample<variant::top_k_top_p>)->Name("sample.top_k_top_p")->Apply(sample_shapes);
 BENCHMARK(sample<variant::min_p>)->Name("sample.min_p")->Apply(sample_shapes);
 BENCHMARK(greedy)->Name("sample.greedy")->Apply(greedy_shapes);
+
+// ---- the LM head fused with sampling --------------------------------------------------------
+// search::sample_from_head (top-k 50 + top-p 0.9) against gemv into logits followed by sample, on
+// a 128256 x 4096 int4 (group 128) head, batch 1. GB/s: the head's codes and scales and the hidden
+// state; the ratio is to the measured read bandwidth.
+
+namespace {
+
+void search_head(benchmark::State& state) {
+  namespace quant = infuse::quant;
+  using scheme = quant::int_<4, 128>;
+  const bool fused = state.range(0) == 1;
+  const std::int64_t vocab = 128256, hidden = 4096, batch = 1;
+  const quant::matrix<scheme> shape{nullptr, nullptr, nullptr, vocab, hidden};
+  std::mt19937_64 engine(42);
+  std::vector<std::uint8_t> host_codes(
+      static_cast<std::size_t>(vocab * shape.blocks_per_row() * scheme::block_bytes));
+  for (auto& code : host_codes) code = static_cast<std::uint8_t>(engine());
+  const auto codes = upload(host_codes);
+  const auto scales = upload(std::vector<float>(
+      static_cast<std::size_t>(shape.group_count() * scheme::scales_per_group), 0.01f));
+  std::normal_distribution<float> normal;
+  std::vector<float> host_x(static_cast<std::size_t>(batch * hidden));
+  for (auto& v : host_x) v = normal(engine);
+  const auto x = upload(host_x);
+  const quant::matrix<scheme, device_memory> w{codes.as_view().data(), scales.as_view().data(),
+                                               nullptr, vocab, hidden};
+  const auto request = upload(std::vector<std::int32_t>(batch, 0));
+  const auto position = upload(std::vector<std::int64_t>(batch, 0));
+  const auto seed = upload(std::vector<std::uint64_t>(1, 7));
+  const auto top_k = upload(std::vector<std::int32_t>(1, 50));
+  const auto top_p = upload(std::vector<float>(1, 0.9f));
+  using set = s::filters<s::filter::top_k, s::filter::top_p>;
+  s::sample_params<device_memory, set> params;
+  params.seed = seed.as_view();
+  params.top_k = top_k.as_view();
+  params.top_p = top_p.as_view();
+  const s::sample_rows<device_memory> rows{request.as_view(), position.as_view()};
+  device_buffer<std::int32_t> token(batch);
+  device_buffer<float> logprob(batch), logits(batch * vocab);
+  device_buffer<s::row_status> status(batch);
+  const s::sample_outputs<device_memory> out{
+      token.as_view(), logprob.as_view(), status.as_view(), {}, {}};
+  gpu::owned_stream stream;
+  const infuse::exec::cuda exec(stream);
+  device_buffer<std::byte> workspace(std::max(s::head_workspace_bytes<set>(exec, batch, vocab),
+                                              s::sample_workspace_bytes<set>(exec, batch, vocab)));
+  const auto xv = x.as_view({batch, hidden});
+  gpu::time_iterations(state, stream, [&] {
+    if (fused) {
+      s::sample_from_head(exec, w, xv, rows, params, out, workspace.as_view());
+    } else {
+      infuse::gemv(exec, w, xv, logits.as_view({batch, vocab}));
+      s::sample(exec, logits.as_view({batch, vocab}), rows, params, out, workspace.as_view());
+    }
+  });
+  exec.synchronize();
+  if (status.to_host()[0] != s::row_status::ok) {
+    bench::report_error(state, "the row is not ok");
+    return;
+  }
+  bench::set_bytes(state,
+                   double(quant::storage_bytes<scheme>(vocab, hidden)) + 4.0 * double(hidden),
+                   gpu::measured_bandwidth().read_gbps);
+}
+
+}  // namespace
+
+BENCHMARK(search_head)
+    ->Name("sample.head_top_k_top_p")
+    ->ArgNames({"fused"})
+    ->Arg(1)
+    ->Arg(0)
+    ->UseManualTime();

@@ -121,8 +121,8 @@ INFUSE_FORCE_INLINE V portable_exp(D d, V x) {
   p = hn::MulAdd(p, r, hn::Set(d, 1.0f));
   const auto in_range = hn::Ge(x, hn::Set(d, -30.0f));  // false for NaN, as in the scalar code
   const auto n_safe = hn::IfThenElseZero(in_range, n);
-  const auto scale = hn::BitCast(
-      d, hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n_safe), hn::Set(di, 127))));
+  const auto scale =
+      hn::BitCast(d, hn::ShiftLeft<23>(hn::Add(hn::ConvertTo(di, n_safe), hn::Set(di, 127))));
   return hn::IfThenElseZero(in_range, hn::Mul(p, scale));
 }
 
@@ -172,7 +172,8 @@ INFUSE_FORCE_INLINE void for_each_allowed(const row_input& row, Visit&& visit) {
       }
     }
   }
-  for (std::int64_t j = 0; j < row.listed_count; ++j) visit(row.listed[j].token, row.listed[j].logit);
+  for (std::int64_t j = 0; j < row.listed_count; ++j)
+    visit(row.listed[j].token, row.listed[j].logit);
 }
 
 // Maximum, NaN, count of allowed tokens, and the lowest-id argmax.
@@ -189,8 +190,10 @@ struct row_summary {
 class top_k_buffer {
  public:
   top_k_buffer(const row_scratch& scratch, std::int64_t k, std::int64_t vocab)
-      : k_(k), capacity_(std::min(std::max<std::int64_t>(4 * k, 1024), vocab)),
-        logits_(scratch.probe_logits), tokens_(scratch.probe_tokens),
+      : k_(k),
+        capacity_(std::min(std::max<std::int64_t>(4 * k, 1024), vocab)),
+        logits_(scratch.probe_logits),
+        tokens_(scratch.probe_tokens),
         select_(reinterpret_cast<float*>(scratch.radix)) {}
 
   float threshold() const { return threshold_; }
@@ -540,11 +543,10 @@ row_result sample_row(const row_input& row, const row_filters& filters, const ro
   // never be drawn nor count towards top-p), and the top-p cut among them.
   std::int64_t kept = -1;
   std::uint64_t cut = 0;
-  if (count < 0 && !use_top_k && filters.top_p < 1.0f && row.dense() &&
-      summary.max < INFINITY) {
+  if (count < 0 && !use_top_k && filters.top_p < 1.0f && row.dense() && summary.max < INFINITY) {
     std::uint64_t total = 0;
-    const top_p_result found = top_p_candidates(row, summary.max, filters.temperature,
-                                                filters.top_p, scratch, total);
+    const top_p_result found =
+        top_p_candidates(row, summary.max, filters.temperature, filters.top_p, scratch, total);
     kept = found.count;
     cut = found.cut;
   }
@@ -594,13 +596,76 @@ row_result sample_row(const row_input& row, const row_filters& filters, const ro
     }
   }
   const float log_total = static_cast<float>(std::log(double(final_total) * 0x1p-40));
-  const float d = c[chosen].logit == summary.max
-                      ? 0.0f
-                      : (c[chosen].logit - summary.max) / filters.temperature;
+  const float d =
+      c[chosen].logit == summary.max ? 0.0f : (c[chosen].logit - summary.max) / filters.temperature;
   const row_result result{c[chosen].token, d - log_total, row_status::ok};
   write_top(c, final_count, -1, log_total);
   return result;
 }
+
+// One row's filters from the call's parameters (greedy when params is null); the bitmask and the
+// token lists are built separately, into the row's scratch.
+template <class Set>
+row_filters filters_of(const sample_rows<host_memory>& rows,
+                       const sample_params<host_memory, Set>* params, std::int64_t r) {
+  row_filters f;
+  f.temperature = 0.0f;
+  if (params == nullptr) return f;
+  const std::int32_t q = rows.request(r);
+  f.temperature = 1.0f;
+  f.random = sample_bits(params->seed(q), static_cast<std::uint64_t>(rows.position(r)));
+  if constexpr (Set::template has<filter::temperature>) f.temperature = params->temperature(q);
+  if constexpr (Set::template has<filter::top_k>) {
+    f.top_k = std::max<std::int64_t>(0, params->top_k(q));
+  }
+  if constexpr (Set::template has<filter::top_p>) f.top_p = params->top_p(q);
+  if constexpr (Set::template has<filter::min_p>) f.min_p = params->min_p(q);
+  return f;
+}
+
+// Writes row r's outputs: as sample_row's write_top(kept, count, greedy token, log total), the
+// top-n tokens and log-probabilities; then finish() the token, log-probability and status.
+struct row_writer {
+  const sample_outputs<host_memory>& out;
+  std::int64_t r;
+  float temperature;
+
+  void operator()(candidate* kept, std::int64_t count, std::int32_t greedy, float log_total) const {
+    const std::int64_t top_n = out.top_tokens.extent(1);
+    std::int64_t j = 0;
+    if (top_n > 0 && kept == nullptr) {
+      out.top_tokens(r, j) = greedy;
+      out.top_logprobs(r, j++) = 0.0f;
+    } else if (top_n > 0) {
+      const auto shown = std::min<std::int64_t>(top_n, count);
+      std::partial_sort(kept, kept + shown, kept + count,
+                        [](const candidate& a, const candidate& b) {
+                          return a.logit > b.logit || (a.logit == b.logit && a.token < b.token);
+                        });
+      for (; j < shown; ++j) {
+        out.top_tokens(r, j) = kept[j].token;
+        const float d =
+            kept[j].logit == kept[0].logit ? 0.0f : (kept[j].logit - kept[0].logit) / temperature;
+        out.top_logprobs(r, j) = d - log_total;
+      }
+    }
+    clear_top(j);
+  }
+
+  void clear_top(std::int64_t from) const {
+    for (std::int64_t j = from; j < out.top_tokens.extent(1); ++j) {
+      out.top_tokens(r, j) = -1;
+      out.top_logprobs(r, j) = -INFINITY;
+    }
+  }
+
+  void finish(const row_result& result) const {
+    if (result.status != row_status::ok) clear_top(0);
+    out.token(r) = result.token;
+    out.logprob(r) = result.logprob;
+    out.status(r) = result.status;
+  }
+};
 
 }  // namespace cpu_sample
 
@@ -637,7 +702,6 @@ struct sample_body<exec::cpu> {
     using namespace cpu_sample;
     const std::int64_t vocab = logits.extent(1);
     const std::int64_t words = (vocab + 31) / 32;
-    const std::int64_t top_n = out.top_tokens.extent(1);
     const scratch_layout layout = scratch_layout::of(vocab);
     std::byte* base = nullptr;
     if (workspace != nullptr) {
@@ -650,24 +714,12 @@ struct sample_body<exec::cpu> {
           base != nullptr ? row_scratch::at(base + thread * layout.slot, layout) : row_scratch{};
       for (std::int64_t r = begin; r < end; ++r) {
         row_input row{&logits(r, 0), vocab, nullptr, nullptr, 0};
-        row_filters filters;
-        filters.temperature = 0.0f;  // greedy unless the parameters say otherwise
+        const row_filters filters = filters_of(rows, params, r);
         if (params != nullptr) {
           const std::int32_t q = rows.request(r);
-          filters.temperature = 1.0f;
-          filters.random =
-              sample_bits(params->seed(q), static_cast<std::uint64_t>(rows.position(r)));
-          if constexpr (Set::template has<filter::temperature>) {
-            filters.temperature = params->temperature(q);
-          }
-          if constexpr (Set::template has<filter::top_k>) {
-            filters.top_k = std::max<std::int64_t>(0, params->top_k(q));
-          }
-          if constexpr (Set::template has<filter::top_p>) filters.top_p = params->top_p(q);
-          if constexpr (Set::template has<filter::min_p>) filters.min_p = params->min_p(q);
           constexpr bool masked = Set::template has<filter::token_bitmask>;
-          constexpr bool listed = Set::template has<filter::penalties> ||
-                                  Set::template has<filter::logit_bias>;
+          constexpr bool listed =
+              Set::template has<filter::penalties> || Set::template has<filter::logit_bias>;
           if constexpr (masked || listed) {
             for (std::int64_t w = 0; w < words; ++w) {
               if constexpr (masked) {
@@ -680,42 +732,8 @@ struct sample_body<exec::cpu> {
           }
           if constexpr (listed) build_listed<Set>(*params, q, row, scratch);
         }
-        const auto write_top = [&](candidate* kept, std::int64_t count, std::int32_t greedy,
-                                   float log_total) {
-          std::int64_t j = 0;
-          if (top_n > 0 && kept == nullptr) {
-            out.top_tokens(r, j) = greedy;
-            out.top_logprobs(r, j++) = 0.0f;
-          } else if (top_n > 0) {
-            const auto shown = std::min<std::int64_t>(top_n, count);
-            std::partial_sort(kept, kept + shown, kept + count,
-                              [](const candidate& a, const candidate& b) {
-                                return a.logit > b.logit ||
-                                       (a.logit == b.logit && a.token < b.token);
-                              });
-            for (; j < shown; ++j) {
-              out.top_tokens(r, j) = kept[j].token;
-              const float d = kept[j].logit == kept[0].logit
-                                  ? 0.0f
-                                  : (kept[j].logit - kept[0].logit) / filters.temperature;
-              out.top_logprobs(r, j) = d - log_total;
-            }
-          }
-          for (; j < top_n; ++j) {
-            out.top_tokens(r, j) = -1;
-            out.top_logprobs(r, j) = -INFINITY;
-          }
-        };
-        const row_result result = sample_row(row, filters, scratch, write_top);
-        if (result.status != row_status::ok) {
-          for (std::int64_t j = 0; j < top_n; ++j) {
-            out.top_tokens(r, j) = -1;
-            out.top_logprobs(r, j) = -INFINITY;
-          }
-        }
-        out.token(r) = result.token;
-        out.logprob(r) = result.logprob;
-        out.status(r) = result.status;
+        const row_writer writer{out, r, filters.temperature};
+        writer.finish(sample_row(row, filters, scratch, writer));
       }
     });
   }
