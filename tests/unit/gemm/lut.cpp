@@ -77,9 +77,9 @@ void check_lut(infuse::test::seeded_rng& rng, std::int64_t rows, std::int64_t co
     const std::size_t n = i % static_cast<std::size_t>(rows);
     // Gated with no gate: y = (W x) (U x); its rounding scales with both magnitudes.
     const double want = gated ? ref[i] * ref_up[i] : ref[i] + bias[n];
-    const double scale = gated ? magnitude[i] * std::fabs(ref_up[i]) +
-                                     std::fabs(ref[i]) * magnitude_up[i]
-                               : magnitude[i] + std::fabs(bias[n]);
+    const double scale =
+        gated ? magnitude[i] * std::fabs(ref_up[i]) + std::fabs(ref[i]) * magnitude_up[i]
+              : magnitude[i] + std::fabs(bias[n]);
     worst = std::max(worst, std::fabs(y[i] - want) / std::max(scale, 1e-30));
   }
   CHECK(worst <= 1e-6);

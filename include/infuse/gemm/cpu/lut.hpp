@@ -17,7 +17,7 @@
 
 namespace infuse::gemm::cpu::detail {
 
-inline constexpr int lut_inputs = 8;    // inputs per table
+inline constexpr int lut_inputs = 8;     // inputs per table
 inline constexpr int lut_entries = 256;  // sign patterns of 8 inputs
 
 // Where one batch row's tables sit in the workspace: (k / 8) tables of 256 floats, then the sum
@@ -33,9 +33,7 @@ struct lut_x_layout {
   }
   std::int64_t row_floats() const { return k / lut_inputs * lut_entries + k / quant::block_size; }
   float* tables(std::int64_t b) const { return base + b * row_floats(); }
-  float* block_sums(std::int64_t b) const {
-    return tables(b) + k / lut_inputs * lut_entries;
-  }
+  float* block_sums(std::int64_t b) const { return tables(b) + k / lut_inputs * lut_entries; }
 };
 
 // The tables of one row of x: entry s of table t is sum_j (bit j of s ? +1 : -1) x_{8t + j}. Each
