@@ -1,9 +1,15 @@
-// The quantized paged KV cache on host memory: kv::page_pool and kv::cache<Layout, KQuant, VQuant>.
+// The quantized paged KV cache: kv::page_pool and kv::cache<Layout, KQuant, VQuant, Alloc>.
 //
-// kv::page_pool: `capacity` pages of `page_bytes` bytes each (64-byte aligned), a reference count
-// per page and a free list. kv::cache<paged<PageSize, Order>, KQuant, VQuant>: sequences over one
-// pool, each a list of pages in token order; a page holds PageSize token slots laid out by
+// kv::page_ledger: which of `capacity` pages are in use (a reference count per page and a free
+// list). kv::page_pool: a ledger and its pages on host memory, `page_bytes` bytes each (64-byte
+// aligned). kv::cache<paged<PageSize, Order>, KQuant, VQuant, Alloc>: sequences over one pool,
+// each a list of pages in token order; a page holds PageSize token slots laid out by
 // kv::page_format (format.hpp): K and V records of each (slot, head), each in its own scheme.
+// Alloc says where the page bytes and the metadata live: kv::host_pages (the default, here) or
+// kv::device_pages (kv/cuda/cache.cuh, for .cu files). The bookkeeping (sequences, page lists,
+// reference counts, the checks) is on the host and the same for both; Alloc's storage carries out
+// the byte operations: copy a page, clear attention mass, encode rows, fold key bounds, move
+// records.
 //   create   a new empty sequence;
 //   append   n tokens: reserve their slots (a prefill kernel then writes them), or, for a batch,
 //            quantize their K and V into the slots in the same pass and update the key bounds;
@@ -12,7 +18,11 @@
 //            appends to it gets its own copy, so a write to one branch never shows in the other;
 //   truncate rolls back the last n tokens (rejected speculative tokens), releasing pages and
 //            recomputing the key bounds of the new last page;
-//   free     releases every page of a sequence.
+//   free     releases every page of a sequence;
+//   unshare  gives a sequence its own copy of every page it shares (before writing in place);
+//   compact  keeps chosen tokens of sequences (kv::retain::select) and moves them to the front,
+//            records and attention mass, after unsharing their pages, then recomputes the key
+//            bounds and releases the pages no longer reached.
 // A page returns to the free list when its reference count drops to zero. Per-page metadata (key
 // bounds, attention mass) is described in kv/metadata.hpp; view(batch) hands a kernel the pool,
 // the metadata and the batch's page table as a kv::cache_view, without copies.
@@ -24,6 +34,7 @@
 
 #include <algorithm>
 #include <array>
+#include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <iterator>
@@ -31,6 +42,7 @@
 #include <new>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -39,6 +51,7 @@
 #include "infuse/core/view.hpp"
 #include "infuse/exec/cpu.hpp"
 #include "infuse/kv/cache_view.hpp"
+#include "infuse/kv/cpu/compact.hpp"
 #include "infuse/kv/format.hpp"
 #include "infuse/kv/layout.hpp"
 #include "infuse/kv/metadata.hpp"
@@ -67,12 +80,11 @@ struct page_allocator {
 
 }  // namespace detail
 
-class page_pool {
+// Which pages of a pool are in use: a reference count per page and a free list.
+class page_ledger {
  public:
-  page_pool(std::int32_t capacity, std::int64_t page_bytes) : page_bytes_(page_bytes) {
+  explicit page_ledger(std::int32_t capacity) {
     require(capacity >= 1, "infuse::kv::page_pool", "capacity", capacity, "at least 1 page");
-    require(page_bytes >= 1, "infuse::kv::page_pool", "page_bytes", page_bytes, "at least 1");
-    bytes_.assign(static_cast<std::size_t>(capacity) * static_cast<std::size_t>(page_bytes), 0);
     ref_counts_.assign(static_cast<std::size_t>(capacity), 0);
     // Full capacity up front, so that release() never reallocates (and never throws).
     free_list_.reserve(static_cast<std::size_t>(capacity));
@@ -83,7 +95,6 @@ class page_pool {
   [[nodiscard]] std::int32_t capacity() const {
     return static_cast<std::int32_t>(ref_counts_.size());
   }
-  [[nodiscard]] std::int64_t page_bytes() const { return page_bytes_; }
   [[nodiscard]] std::int32_t free_pages() const {
     return static_cast<std::int32_t>(free_list_.size());
   }
@@ -91,19 +102,6 @@ class page_pool {
     require_page(page, "infuse::kv::page_pool::ref_count");
     return ref_counts_[static_cast<std::size_t>(page)];
   }
-
-  // The bytes of one page, and of the whole pool: capacity * page_bytes, page after page.
-  [[nodiscard]] std::span<std::uint8_t> bytes(std::int32_t page) {
-    require_page(page, "infuse::kv::page_pool::bytes");
-    return {bytes_.data() + offset(page), static_cast<std::size_t>(page_bytes_)};
-  }
-  [[nodiscard]] std::span<const std::uint8_t> bytes(std::int32_t page) const {
-    require_page(page, "infuse::kv::page_pool::bytes");
-    return {bytes_.data() + offset(page), static_cast<std::size_t>(page_bytes_)};
-  }
-  [[nodiscard]] std::span<const std::uint8_t> all_bytes() const { return bytes_; }
-  // The first byte of page 0, for views that address pages themselves (kv::cache_view).
-  [[nodiscard]] std::uint8_t* data() { return bytes_.data(); }
 
   // A free page, now with reference count 1.
   std::int32_t allocate() {
@@ -127,26 +125,58 @@ class page_pool {
     if (--ref_counts_[static_cast<std::size_t>(page)] == 0) free_list_.push_back(page);
   }
 
-  friend bool operator==(const page_pool&, const page_pool&) = default;
+  friend bool operator==(const page_ledger&, const page_ledger&) = default;
 
- private:
-  [[nodiscard]] std::size_t offset(std::int32_t page) const {
-    return static_cast<std::size_t>(page) * static_cast<std::size_t>(page_bytes_);
-  }
+ protected:
   void require_page(std::int32_t page, const char* call) const {
     require(page >= 0 && page < capacity(), call, "page", page,
             "a page of the pool (0 to capacity - 1)");
   }
+
+ private:
   void require_in_use(std::int32_t page, const char* call) const {
     require_page(page, call);
     require(ref_counts_[static_cast<std::size_t>(page)] > 0, call, "page", page,
             "a page in use (reference count above 0)");
   }
 
+  std::vector<std::int32_t> ref_counts_;  // (capacity)
+  std::vector<std::int32_t> free_list_;   // (free_pages), a stack
+};
+
+// A ledger and its pages on host memory.
+class page_pool : public page_ledger {
+ public:
+  page_pool(std::int32_t capacity, std::int64_t page_bytes)
+      : page_ledger(capacity), page_bytes_(page_bytes) {
+    require(page_bytes >= 1, "infuse::kv::page_pool", "page_bytes", page_bytes, "at least 1");
+    bytes_.assign(static_cast<std::size_t>(capacity) * static_cast<std::size_t>(page_bytes), 0);
+  }
+
+  [[nodiscard]] std::int64_t page_bytes() const { return page_bytes_; }
+
+  // The bytes of one page, and of the whole pool: capacity * page_bytes, page after page.
+  [[nodiscard]] std::span<std::uint8_t> bytes(std::int32_t page) {
+    require_page(page, "infuse::kv::page_pool::bytes");
+    return {bytes_.data() + offset(page), static_cast<std::size_t>(page_bytes_)};
+  }
+  [[nodiscard]] std::span<const std::uint8_t> bytes(std::int32_t page) const {
+    require_page(page, "infuse::kv::page_pool::bytes");
+    return {bytes_.data() + offset(page), static_cast<std::size_t>(page_bytes_)};
+  }
+  [[nodiscard]] std::span<const std::uint8_t> all_bytes() const { return bytes_; }
+  // The first byte of page 0, for views that address pages themselves (kv::cache_view).
+  [[nodiscard]] std::uint8_t* data() { return bytes_.data(); }
+
+  friend bool operator==(const page_pool&, const page_pool&) = default;
+
+ private:
+  [[nodiscard]] std::size_t offset(std::int32_t page) const {
+    return static_cast<std::size_t>(page) * static_cast<std::size_t>(page_bytes_);
+  }
+
   std::int64_t page_bytes_;
   std::vector<std::uint8_t, detail::page_allocator<std::uint8_t>> bytes_;  // (capacity, page_bytes)
-  std::vector<std::int32_t> ref_counts_;                                   // (capacity)
-  std::vector<std::int32_t> free_list_;                                    // (free_pages), a stack
 };
 
 // A sequence of a cache, named by the id create() or fork() returned; ids are never reused.
@@ -191,25 +221,208 @@ class cache_batch {
   view_type view_;
 };
 
-template <class Layout, class KQuant = quant::none<half>, class VQuant = KQuant>
+// Slots [slot_begin, slot_end) of one page; for an append, the rows of k and v from `row` on
+// fill them in order.
+struct page_run {
+  std::int32_t page;
+  std::int32_t slot_begin;
+  std::int32_t slot_end;
+  std::int64_t row;
+};
+
+// One token's records and attention mass, moved by compaction from one slot to another.
+struct token_move {
+  token_location from;
+  token_location to;
+};
+
+struct host_pages;
+
+// What kv::cache's Alloc names: the memory space of the pages and metadata, the exec of an append
+// or a compaction, the storage of a page format (its bytes, its metadata and the byte operations)
+// and what view(batch) returns.
+template <class A>
+concept page_memory = memory_space<typename A::memory_space> && requires {
+  typename A::exec_type;
+  typename A::template storage<page_format<nhd, quant::none<half>, quant::none<half>>>;
+  typename A::template batch<paged<1>, quant::none<half>, quant::none<half>>;
+};
+
+// The bytes and metadata of a cache's pages on host memory, and the byte operations on them.
+template <class Format>
+class host_page_storage {
+ public:
+  host_page_storage(std::int32_t capacity, const Format& format, const host_pages&)
+      : format_(format),
+        pool_(capacity, format.page_bytes()),
+        metadata_(capacity, format.k.heads, format.k.head_dim, format.slots) {}
+
+  [[nodiscard]] const Format& format() const { return format_; }
+  [[nodiscard]] page_ledger& ledger() { return pool_; }
+  [[nodiscard]] const page_ledger& ledger() const { return pool_; }
+  [[nodiscard]] const page_pool& pool() const { return pool_; }
+  [[nodiscard]] const page_metadata& metadata() const { return metadata_; }
+  [[nodiscard]] std::int64_t metadata_bytes_per_page() const { return metadata_.bytes_per_page(); }
+  [[nodiscard]] std::int32_t covered(std::int32_t page) const { return metadata_.covered(page); }
+  void set_covered(std::int32_t page, std::int32_t slots) { metadata_.set_covered(page, slots); }
+
+  // What a cache_view points at.
+  [[nodiscard]] std::uint8_t* pages() { return pool_.data(); }
+  [[nodiscard]] float* key_min() { return metadata_.key_min(); }
+  [[nodiscard]] float* key_max() { return metadata_.key_max(); }
+  [[nodiscard]] float* mass() { return metadata_.mass(); }
+
+  // What cache::view(batch) returns: the table and the view over it, on the host.
+  template <class Batch, class Table>
+  Batch make_batch(Table table, const typename Batch::view_type& view) const {
+    return Batch(std::move(table), view);
+  }
+
+  // Any CPU exec may run an append or a compaction.
+  void check_exec(const exec::cpu& /*exec*/, const char* /*call*/) const {}
+
+  // Host operations need no buffers beyond the ones the cache passes.
+  void prepare(std::int64_t /*runs*/, std::int64_t /*moves*/) {}
+
+  // Page `to` takes the bytes and every metadata value of page `from`.
+  void copy_page(std::int32_t from, std::int32_t to) {
+    std::memcpy(pool_.bytes(to).data(), pool_.bytes(from).data(),
+                static_cast<std::size_t>(pool_.page_bytes()));
+    metadata_.copy_page(from, to);
+  }
+
+  // Zeroes the attention mass of the runs' slots.
+  void clear_mass(std::span<const page_run> runs) {
+    for (const page_run& run : runs) {
+      float* mass = metadata_.mass(run.page);
+      std::fill(mass + std::int64_t{run.slot_begin} * format_.k.heads,
+                mass + std::int64_t{run.slot_end} * format_.k.heads, 0.0f);
+    }
+  }
+
+  // Folds the stored keys of the runs' slots into their pages' bounds (detail::fold_key_bounds).
+  void fold(std::span<const page_run> runs) {
+    for (const page_run& run : runs) fold_run(run);
+  }
+
+  // Quantizes rows of k and v into the runs' slots and folds the keys into the bounds, a run per
+  // work item (one thread owns a page's bounds).
+  template <class Row>
+  void write(const exec::cpu& exec, std::span<const page_run> runs, host_view<const Row, 3> k,
+             host_view<const Row, 3> v) {
+    exec.parallel_for(std::ssize(runs), [&](std::int64_t n) {
+      const page_run& run = runs[static_cast<std::size_t>(n)];
+      std::uint8_t* page = pool_.data() + run.page * format_.page_bytes();
+      for (std::int32_t slot = run.slot_begin; slot < run.slot_end; ++slot) {
+        const std::int64_t r = run.row + (slot - run.slot_begin);
+        for (std::int32_t h = 0; h < format_.k.heads; ++h) {
+          encode_row(format_.k, &k(r, h, 0), format_.k_codes(page, slot, h),
+                     format_.k_params(page, slot, h));
+        }
+        for (std::int32_t h = 0; h < format_.v.heads; ++h) {
+          encode_row(format_.v, &v(r, h, 0), format_.v_codes(page, slot, h),
+                     format_.v_params(page, slot, h));
+        }
+      }
+      fold_run(run);
+    });
+  }
+
+  // Carries out the moves in order (each source is read before a later move overwrites it, as
+  // compaction's ascending moves within a sequence guarantee).
+  // exec: the moves run in order on the calling thread.
+  void move(const exec::cpu& /*exec*/, std::span<const token_move> moves) {
+    using order = decltype(order_of(format_));
+    const Format& f = format_;
+    for (const token_move& m : moves) {
+      const std::uint8_t* from = pool_.data() + m.from.page * f.page_bytes();
+      std::uint8_t* to = pool_.data() + m.to.page * f.page_bytes();
+      const auto region = [&](std::int64_t offset, std::int32_t heads, std::int64_t bytes) {
+        retain::detail::copy_records<order>(to + offset, m.to.slot, from + offset, m.from.slot,
+                                            f.slots, heads, bytes);
+      };
+      region(f.k_codes_offset(), f.k.heads, f.k.code_bytes());
+      region(f.k_params_offset(), f.k.heads, f.k.param_bytes());
+      region(f.v_codes_offset(), f.v.heads, f.v.code_bytes());
+      region(f.v_params_offset(), f.v.heads, f.v.param_bytes());
+      std::memcpy(metadata_.mass(m.to.page) + std::int64_t{m.to.slot} * f.k.heads,
+                  metadata_.mass(m.from.page) + std::int64_t{m.from.slot} * f.k.heads,
+                  sizeof(float) * static_cast<std::size_t>(f.k.heads));
+    }
+  }
+
+  friend bool operator==(const host_page_storage& a, const host_page_storage& b) {
+    return a.pool_ == b.pool_ && a.metadata_ == b.metadata_;
+  }
+
+ private:
+  template <class Order, class K, class V>
+  static Order order_of(const page_format<Order, K, V>&);
+
+  // vector_format::encode of one vector of floats, or of halves read as floats.
+  template <class Scheme, class Row>
+  static void encode_row(const vector_format<Scheme>& format, const Row* x, std::uint8_t* codes,
+                         std::uint8_t* params) {
+    if constexpr (std::is_same_v<Row, float>) {
+      format.encode(x, codes, params);
+    } else {
+      float values[1024];  // head_dim is at most 1024 (vector_format::require_valid)
+      for (std::int32_t d = 0; d < format.head_dim; ++d) values[d] = static_cast<float>(x[d]);
+      format.encode(values, codes, params);
+    }
+  }
+
+  void fold_run(const page_run& run) {
+    detail::fold_key_bounds(format_, pool_.data() + run.page * format_.page_bytes(), run.slot_begin,
+                            run.slot_end, metadata_.key_min(run.page), metadata_.key_max(run.page));
+  }
+
+  Format format_;
+  page_pool pool_;
+  page_metadata metadata_;
+};
+
+// Pages and metadata on host memory: what kv::cache holds unless told otherwise.
+struct host_pages {
+  using memory_space = host_memory;
+  using exec_type = exec::cpu;
+  template <class Format>
+  using storage = host_page_storage<Format>;
+  template <class Layout, class KQuant, class VQuant>
+  using batch = cache_batch<Layout, KQuant, VQuant>;
+};
+
+static_assert(page_memory<host_pages>);
+
+template <class Layout, class KQuant = quant::none<half>, class VQuant = KQuant,
+          class Alloc = host_pages>
 class cache {
   static_assert(Layout::is_paged,
                 "infuse: kv::cache needs a paged layout, kv::paged<PageSize, Order>; see "
                 "docs/policies.md#kv-layouts");
+  static_assert(page_memory<Alloc>,
+                "infuse: kv::cache<Layout, KQuant, VQuant, Alloc> takes Alloc = kv::host_pages, "
+                "kv::device_pages (kv/cuda/cache.cuh) or a type naming memory_space, exec_type, "
+                "storage<Format> and batch<Layout, KQuant, VQuant>; see "
+                "docs/policies.md#the-quantized-paged-kv-cache");
 
  public:
   using layout = Layout;
   using k_scheme = KQuant;
   using v_scheme = VQuant;
+  using allocator = Alloc;
+  using memory_space = typename Alloc::memory_space;
+  using exec_type = typename Alloc::exec_type;
   using format_type = page_format<typename Layout::order, KQuant, VQuant>;
-  using batch_type = cache_batch<Layout, KQuant, VQuant>;
+  using storage_type = typename Alloc::template storage<format_type>;
+  using batch_type = typename Alloc::template batch<Layout, KQuant, VQuant>;
   static constexpr int page_size = Layout::page_size;
 
-  // A pool of `capacity` pages, each page_size tokens of K in format k and V in format v.
-  cache(std::int32_t capacity, vector_format<KQuant> k, vector_format<VQuant> v)
-      : format_(checked_format(k, v)),
-        pool_(capacity, format_.page_bytes()),
-        metadata_(capacity, k.heads, k.head_dim, page_size) {}
+  // A pool of `capacity` pages, each page_size tokens of K in format k and V in format v, in the
+  // memory `alloc` says.
+  cache(std::int32_t capacity, vector_format<KQuant> k, vector_format<VQuant> v,
+        const Alloc& alloc = {})
+      : storage_(capacity, checked_format(k, v), alloc) {}
 
   sequence_id create() {
     sequences_.emplace(next_id_, sequence{});
@@ -223,76 +436,34 @@ class cache {
   void append(sequence_id s, std::int64_t tokens) {
     const std::array<sequence_id, 1> seqs{s};
     const std::array<std::int64_t, 1> counts{tokens};
-    const growth_plan plan = plan_growth(seqs, counts, "infuse::kv::cache::append", true);
+    growth_plan plan = plan_growth(seqs, counts, "infuse::kv::cache::append", true);
     grow(plan, counts);
   }
 
   // Appends counts[i] tokens to sequence seqs[i] for each i and quantizes their keys and values
   // into the new slots in one parallel pass: k is (sum of counts, k.heads, k.head_dim), v is
-  // (sum of counts, v.heads, v.head_dim), the tokens of seqs[0] first. Updates the key bounds of
-  // the pages written and zeroes the new slots' attention mass. Everything is checked first
-  // (unknown or repeated sequences, negative counts, shapes, free pages for the whole batch).
-  void append(const exec::cpu& exec, std::span<const sequence_id> seqs,
-              std::span<const std::int64_t> counts, host_view<const float, 3> k,
-              host_view<const float, 3> v) {
-    constexpr const char* call = "infuse::kv::cache::append";
-    require(counts.size() == seqs.size(), call, "counts.size()", counts.size(),
-            "seqs.size() = " + std::to_string(seqs.size()));
-    const growth_plan plan = plan_growth(seqs, counts, call, false);
-    require_view(k, call, "k",
-                 {{plan.tokens, "sum of counts"},
-                  {format_.k.heads, "k.heads"},
-                  {format_.k.head_dim, "k.head_dim"}});
-    require_view(v, call, "v",
-                 {{plan.tokens, "sum of counts"},
-                  {format_.v.heads, "v.heads"},
-                  {format_.v.head_dim, "v.head_dim"}});
-    // The new tokens in runs that share a page: one work item each, so that a page's keys are
-    // encoded and folded into its bounds by one thread, in one parallel pass.
-    struct page_run {
-      std::int32_t page;
-      std::int32_t slot_begin;
-      std::int32_t slot_end;
-      std::int64_t row;  // the run's first row of k and v
-    };
-    std::vector<page_run> runs;
-    runs.reserve(static_cast<std::size_t>(plan.tokens / page_size + 2 * std::ssize(seqs)));
-    grow(plan, counts);  // nothing throws from here on
-    std::int64_t row = 0;
-    for (std::size_t i = 0; i < seqs.size(); ++i) {
-      const sequence& seq = *plan.sequences[i];
-      for (std::int64_t t = seq.length - counts[i]; t < seq.length;) {
-        const auto slot = static_cast<std::int32_t>(t % page_size);
-        const auto count =
-            static_cast<std::int32_t>(std::min<std::int64_t>(page_size - slot, seq.length - t));
-        runs.push_back({page_of(seq, t), slot, slot + count, row});
-        t += count;
-        row += count;
-      }
-    }
-    exec.parallel_for(std::ssize(runs), [&](std::int64_t n) {
-      const page_run& run = runs[static_cast<std::size_t>(n)];
-      std::uint8_t* page = pool_.data() + run.page * format_.page_bytes();
-      for (std::int32_t slot = run.slot_begin; slot < run.slot_end; ++slot) {
-        const std::int64_t r = run.row + (slot - run.slot_begin);
-        for (std::int32_t h = 0; h < format_.k.heads; ++h) {
-          format_.k.encode(&k(r, h, 0), format_.k_codes(page, slot, h),
-                           format_.k_params(page, slot, h));
-        }
-        for (std::int32_t h = 0; h < format_.v.heads; ++h) {
-          format_.v.encode(&v(r, h, 0), format_.v_codes(page, slot, h),
-                           format_.v_params(page, slot, h));
-        }
-      }
-      fold_bounds(run.page, run.slot_begin, run.slot_end);
-    });
+  // (sum of counts, v.heads, v.head_dim), the tokens of seqs[0] first, in the cache's memory.
+  // Updates the key bounds of the pages written and zeroes the new slots' attention mass.
+  // Everything is checked first (unknown or repeated sequences, negative counts, shapes, free pages
+  // for the whole batch).
+  void append(const exec_type& exec, std::span<const sequence_id> seqs,
+              std::span<const std::int64_t> counts, infuse::view<const float, 3, memory_space> k,
+              infuse::view<const float, 3, memory_space> v) {
+    append_rows(exec, seqs, counts, k, v);
+  }
+  // The same from half rows: each value is read as the float it stands for, so the cache holds
+  // what appending those floats gives.
+  void append(const exec_type& exec, std::span<const sequence_id> seqs,
+              std::span<const std::int64_t> counts, infuse::view<const half, 3, memory_space> k,
+              infuse::view<const half, 3, memory_space> v) {
+    append_rows(exec, seqs, counts, k, v);
   }
 
   // A new sequence holding the same tokens as s, sharing its pages.
   sequence_id fork(sequence_id s) {
     const sequence& parent = find(s, "infuse::kv::cache::fork");
     sequences_.emplace(next_id_, parent);  // the last step that may throw
-    for (const std::int32_t page : parent.pages) pool_.retain(page);
+    for (const std::int32_t page : parent.pages) ledger().retain(page);
     return next_id_++;
   }
 
@@ -318,6 +489,87 @@ class cache {
     sequences_.erase(s);
   }
 
+  // Gives sequence s its own copy of every page it shares with another sequence (bytes and
+  // metadata), so that writing its pages in place (compaction) never shows in the others. Needs a
+  // free page per shared page.
+  void unshare(sequence_id s) {
+    constexpr const char* call = "infuse::kv::cache::unshare";
+    sequence& seq = find(s, call);
+    const std::array<sequence*, 1> one{&seq};
+    require_copies_fit(one, call, "sequence", std::to_string(s));
+    unshare_pages(seq);
+  }
+
+  // Keeps tokens kept[kept_indptr[i] .. kept_indptr[i + 1]) (ascending positions) of sequence
+  // seqs[i] for each i: their K/V records and attention mass move to positions 0, 1, ... in order
+  // (bytes, so a kept token reads back bit for bit), the sequence is shortened to the kept count
+  // and the key bounds of its pages are recomputed. Pages a sequence shares are first unshared
+  // (one free page each), so no other sequence changes. Everything is checked first (unknown or
+  // repeated sequences, kept_indptr, positions, free pages).
+  void compact(const exec_type& exec, std::span<const sequence_id> seqs,
+               std::span<const std::int32_t> kept_indptr, std::span<const std::int32_t> kept) {
+    constexpr const char* call = "infuse::kv::cache::compact";
+    require(kept_indptr.size() == seqs.size() + 1, call, "kept_indptr.size()", kept_indptr.size(),
+            "seqs.size() + 1 = " + std::to_string(seqs.size() + 1));
+    require(kept_indptr[0] == 0, call, "kept_indptr[0]", kept_indptr[0], "0");
+    storage_.check_exec(exec, call);
+    std::vector<sequence*> targets = find_batch(seqs, call);
+    std::int64_t moves = 0;
+    std::int64_t runs = 0;
+    // Messages are built only on failure: kept lists a position per token.
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      if (kept_indptr[i + 1] < kept_indptr[i] || kept_indptr[i + 1] > std::ssize(kept)) {
+        throw error(call, "kept_indptr[" + std::to_string(i + 1) + "]",
+                    std::to_string(kept_indptr[i + 1]),
+                    "from kept_indptr[" + std::to_string(i) + "] to kept.size() " +
+                        std::to_string(kept.size()));
+      }
+      const std::int64_t length = targets[i]->length;
+      for (std::int32_t j = kept_indptr[i]; j < kept_indptr[i + 1]; ++j) {
+        const std::int64_t low = j == kept_indptr[i] ? 0 : std::int64_t{kept[j - 1]} + 1;
+        if (kept[j] < low || kept[j] >= length) {
+          throw error(call, "kept[" + std::to_string(j) + "]", std::to_string(kept[j]),
+                      "a position of sequence " + std::to_string(seqs[i]) + " (length " +
+                          std::to_string(length) +
+                          ") above the one before it (kept positions ascend)");
+        }
+        if (kept[j] != j - kept_indptr[i]) ++moves;
+      }
+      runs += pages_for(kept_indptr[i + 1] - kept_indptr[i]);
+    }
+    require_copies_fit(targets, call, "seqs", std::to_string(seqs.size()) + " sequences");
+    std::vector<token_move> move_list;
+    std::vector<page_run> run_list;
+    move_list.reserve(static_cast<std::size_t>(moves));
+    run_list.reserve(static_cast<std::size_t>(runs));
+    storage_.prepare(runs, moves);  // the last step that may throw
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      sequence& seq = *targets[i];
+      unshare_pages(seq);
+      for (std::int32_t j = kept_indptr[i]; j < kept_indptr[i + 1]; ++j) {
+        const std::int64_t to = j - kept_indptr[i];
+        if (kept[j] != to) move_list.push_back({location(seq, kept[j]), location(seq, to)});
+      }
+    }
+    storage_.move(exec, move_list);
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      sequence& seq = *targets[i];
+      const std::int64_t count = kept_indptr[i + 1] - kept_indptr[i];
+      for (std::int64_t index = 0; index < pages_for(count); ++index) {
+        const auto filled =
+            static_cast<std::int32_t>(std::min<std::int64_t>(page_size, count - index * page_size));
+        run_list.push_back({seq.pages[static_cast<std::size_t>(index)], 0, filled, 0});
+      }
+    }
+    storage_.fold(run_list);
+    for (const page_run& run : run_list) storage_.set_covered(run.page, run.slot_end);
+    for (std::size_t i = 0; i < targets.size(); ++i) {
+      sequence& seq = *targets[i];
+      seq.length = kept_indptr[i + 1] - kept_indptr[i];
+      release_from(seq, pages_for(seq.length));
+    }
+  }
+
   // The CSR page table of `batch`, in that order.
   [[nodiscard]] page_table<page_size> table(std::span<const sequence_id> batch) const {
     page_table<page_size> result;
@@ -333,16 +585,16 @@ class cache {
   }
 
   // The batch's page table and the kv::cache_view a kernel reads (and prefill writes): the pool's
-  // pages and the metadata arrays, in place.
+  // pages and the metadata arrays, in place, in the cache's memory.
   [[nodiscard]] batch_type view(std::span<const sequence_id> batch) {
     typename batch_type::view_type view{};
-    view.pages = pool_.data();
-    view.pool_pages = pool_.capacity();
-    view.format = format_;
-    view.key_min = metadata_.key_min();
-    view.key_max = metadata_.key_max();
-    view.mass = metadata_.mass();
-    return batch_type(table(batch), view);
+    view.pages = storage_.pages();
+    view.pool_pages = ledger().capacity();
+    view.format = storage_.format();
+    view.key_min = storage_.key_min();
+    view.key_max = storage_.key_max();
+    view.mass = storage_.mass();
+    return storage_.template make_batch<batch_type>(table(batch), view);
   }
 
   [[nodiscard]] bool contains(sequence_id s) const { return sequences_.contains(s); }
@@ -362,44 +614,49 @@ class cache {
     const sequence& seq = find(s, call);
     require(t >= 0 && t < seq.length, call, "token", t,
             "a token of the sequence (below its length)");
-    return {page_of(seq, t), static_cast<std::int32_t>(t % page_size)};
+    return location(seq, t);
   }
 
-  // The bytes of page `index` (in token order) of sequence s.
-  [[nodiscard]] std::span<const std::uint8_t> page(sequence_id s, std::int64_t index) const {
-    return pool_.bytes(page_index(s, index, "infuse::kv::cache::page"));
+  // The bytes of page `index` (in token order) of sequence s (host memory).
+  [[nodiscard]] std::span<const std::uint8_t> page(
+      sequence_id s, std::int64_t index) const requires std::same_as<memory_space, host_memory> {
+    return storage_.pool().bytes(page_index(s, index, "infuse::kv::cache::page"));
   }
   // The same, to write: only a page no other sequence holds (append copies a shared last page
   // before new tokens go into it, so the pages of freshly appended tokens are always writable).
-  [[nodiscard]] std::span<std::uint8_t> writable_page(sequence_id s, std::int64_t index) {
+  [[nodiscard]] std::span<std::uint8_t> writable_page(
+      sequence_id s, std::int64_t index) requires std::same_as<memory_space, host_memory> {
     constexpr const char* call = "infuse::kv::cache::writable_page";
     const std::int32_t page = page_index(s, index, call);
-    require(pool_.ref_count(page) == 1, call, "index", index,
+    require(ledger().ref_count(page) == 1, call, "index", index,
             "a page that no other sequence shares (reference count 1)");
-    return pool_.bytes(page);
+    return {storage_.pages() + page * storage_.format().page_bytes(),
+            static_cast<std::size_t>(storage_.format().page_bytes())};
   }
 
-  [[nodiscard]] const page_pool& pool() const { return pool_; }
-  [[nodiscard]] const page_metadata& metadata() const { return metadata_; }
-  [[nodiscard]] const format_type& format() const { return format_; }
+  // The pool (host: kv::page_pool, pages included; device: its ledger) and the metadata.
+  [[nodiscard]] const auto& pool() const { return storage_.pool(); }
+  [[nodiscard]] const auto& metadata() const { return storage_.metadata(); }
+  [[nodiscard]] const format_type& format() const { return storage_.format(); }
 
   // The exact memory cost: K and V records of one token (codes and group parameters of every
   // head), a page of page_size tokens (each region padded to region_alignment), and the metadata
   // of a page (key min and max per K channel, attention mass per slot and K head).
   [[nodiscard]] std::int64_t bytes_per_token() const {
-    return format_.k.bytes_per_token() + format_.v.bytes_per_token();
+    return format().k.bytes_per_token() + format().v.bytes_per_token();
   }
-  [[nodiscard]] std::int64_t page_bytes() const { return format_.page_bytes(); }
-  [[nodiscard]] std::int64_t metadata_bytes_per_page() const { return metadata_.bytes_per_page(); }
+  [[nodiscard]] std::int64_t page_bytes() const { return format().page_bytes(); }
+  [[nodiscard]] std::int64_t metadata_bytes_per_page() const {
+    return storage_.metadata_bytes_per_page();
+  }
 
   // The same formats, sequences, page contents and metadata.
   friend bool operator==(const cache& a, const cache& b) {
     const auto same_format = [](const auto& x, const auto& y) {
       return x.heads == y.heads && x.head_dim == y.head_dim;
     };
-    return same_format(a.format_.k, b.format_.k) && same_format(a.format_.v, b.format_.v) &&
-           a.pool_ == b.pool_ && a.metadata_ == b.metadata_ && a.sequences_ == b.sequences_ &&
-           a.next_id_ == b.next_id_;
+    return same_format(a.format().k, b.format().k) && same_format(a.format().v, b.format().v) &&
+           a.storage_ == b.storage_ && a.sequences_ == b.sequences_ && a.next_id_ == b.next_id_;
   }
 
  private:
@@ -413,6 +670,7 @@ class cache {
   struct growth_plan {
     std::vector<sequence*> sequences;  // seqs[i]'s sequence
     std::int64_t tokens = 0;           // the sum of the counts
+    std::vector<page_run> runs;        // the new slots, a run per page, rows in batch order
   };
 
   static format_type checked_format(const vector_format<KQuant>& k,
@@ -428,10 +686,77 @@ class cache {
   static std::int32_t page_of(const sequence& seq, std::int64_t t) {
     return seq.pages[static_cast<std::size_t>(t / page_size)];
   }
+  static token_location location(const sequence& seq, std::int64_t t) {
+    return {page_of(seq, t), static_cast<std::int32_t>(t % page_size)};
+  }
+  page_ledger& ledger() { return storage_.ledger(); }
+  const page_ledger& ledger() const { return storage_.ledger(); }
+
+  template <class Row>
+  void append_rows(const exec_type& exec, std::span<const sequence_id> seqs,
+                   std::span<const std::int64_t> counts, infuse::view<const Row, 3, memory_space> k,
+                   infuse::view<const Row, 3, memory_space> v) {
+    constexpr const char* call = "infuse::kv::cache::append";
+    require(counts.size() == seqs.size(), call, "counts.size()", counts.size(),
+            "seqs.size() = " + std::to_string(seqs.size()));
+    storage_.check_exec(exec, call);
+    growth_plan plan = plan_growth(seqs, counts, call, false);
+    const format_type& format = storage_.format();
+    require_view(k, call, "k",
+                 {{plan.tokens, "sum of counts"},
+                  {format.k.heads, "k.heads"},
+                  {format.k.head_dim, "k.head_dim"}});
+    require_view(v, call, "v",
+                 {{plan.tokens, "sum of counts"},
+                  {format.v.heads, "v.heads"},
+                  {format.v.head_dim, "v.head_dim"}});
+    grow(plan, counts);  // nothing throws from here on
+    storage_.write(exec, plan.runs, k, v);
+  }
+
   // Whether appending to seq copies its last page first: a partial last page another sequence
   // holds too.
   bool copies_last_page(const sequence& seq) const {
-    return seq.length % page_size != 0 && pool_.ref_count(seq.pages.back()) > 1;
+    return seq.length % page_size != 0 && ledger().ref_count(seq.pages.back()) > 1;
+  }
+
+  // The sequences of a batch, each known and at most once; the names are the batch's ("seqs[i]").
+  std::vector<sequence*> find_batch(std::span<const sequence_id> seqs, const char* call) {
+    std::vector<sequence*> found;
+    found.reserve(seqs.size());
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
+      const auto at = sequences_.find(seqs[i]);
+      const bool repeated = std::find(seqs.begin(), seqs.begin() + static_cast<std::ptrdiff_t>(i),
+                                      seqs[i]) != seqs.begin() + static_cast<std::ptrdiff_t>(i);
+      if (at == sequences_.end() || repeated) {
+        throw error(call, "seqs[" + std::to_string(i) + "]", std::to_string(seqs[i]),
+                    repeated ? "a sequence not already in the batch (each sequence once)"
+                             : "a sequence of this cache (created, not freed)");
+      }
+      found.push_back(&at->second);
+    }
+    return found;
+  }
+
+  // Checks that unsharing the sequences, in order, finds the free pages it needs: a page held
+  // by n > 1 holders is copied for each of them in the list until one holder is left.
+  void require_copies_fit(std::span<sequence* const> seqs, const char* call, const char* name,
+                          const std::string& value) const {
+    std::map<std::int32_t, std::int32_t> holders;  // the pages seen, and their holders left
+    std::int64_t copies = 0;
+    for (const sequence* seq : seqs) {
+      for (const std::int32_t page : seq->pages) {
+        auto& left = holders.try_emplace(page, ledger().ref_count(page)).first->second;
+        if (left > 1) {
+          ++copies;
+          --left;
+        }
+      }
+    }
+    require(copies <= ledger().free_pages(), call, name, value,
+            "sequences whose shared pages fit the pool: unsharing them needs " +
+                std::to_string(copies) + " new pages and " + std::to_string(ledger().free_pages()) +
+                " are free");
   }
 
   // Checks a batch of appends; the argument names are the single append's ("sequence", "tokens")
@@ -448,8 +773,9 @@ class cache {
     };
     growth_plan plan;
     plan.sequences.reserve(seqs.size());
-    const std::int64_t most_tokens = std::int64_t{pool_.capacity()} * page_size;
+    const std::int64_t most_tokens = std::int64_t{ledger().capacity()} * page_size;
     std::int64_t new_pages = 0;
+    std::int64_t runs = 0;
     for (std::size_t i = 0; i < seqs.size(); ++i) {
       const auto found = sequences_.find(seqs[i]);
       if (found == sequences_.end()) {
@@ -469,65 +795,83 @@ class cache {
       if (tokens > 0) {
         new_pages += pages_for(seq.length + tokens) - std::ssize(seq.pages) +
                      (copies_last_page(seq) ? 1 : 0);
+        runs += pages_for(seq.length + tokens) - seq.length / page_size;
       }
       plan.sequences.push_back(&found->second);
       plan.tokens += tokens;
     }
-    if (new_pages > pool_.free_pages()) {
+    if (new_pages > ledger().free_pages()) {
       throw error(call, single ? "tokens" : "counts",
                   single ? std::to_string(counts[0]) : std::to_string(plan.tokens) + " tokens",
                   "a count that fits the pool: it needs " + std::to_string(new_pages) +
-                      " new pages and " + std::to_string(pool_.free_pages()) + " are free");
+                      " new pages and " + std::to_string(ledger().free_pages()) + " are free");
     }
-    for (std::size_t i = 0; i < seqs.size(); ++i) {  // the last steps that may throw
+    // The last steps that may throw.
+    plan.runs.reserve(static_cast<std::size_t>(runs));
+    storage_.prepare(runs, 0);
+    for (std::size_t i = 0; i < seqs.size(); ++i) {
       sequence& seq = *plan.sequences[i];
       seq.pages.reserve(static_cast<std::size_t>(pages_for(seq.length + counts[i])));
     }
     return plan;
   }
 
-  // Carries out a checked plan: copies shared last pages, takes new pages, zeroes the new slots'
-  // attention mass and marks the slots the pages' key bounds are to cover. Never throws.
-  void grow(const growth_plan& plan, std::span<const std::int64_t> counts) noexcept {
+  // Carries out a checked plan: copies shared last pages, takes new pages, lists the new slots
+  // in runs, marks the slots the pages' key bounds are to cover and zeroes the new slots'
+  // attention mass. Throws nothing on host memory (on device memory, only a device fault).
+  void grow(growth_plan& plan, std::span<const std::int64_t> counts) {
+    std::int64_t row = 0;
     for (std::size_t i = 0; i < plan.sequences.size(); ++i) {
       sequence& seq = *plan.sequences[i];
       const std::int64_t tokens = counts[i];
       if (tokens == 0) continue;
-      if (copies_last_page(seq)) copy_last_page(seq);
+      if (copies_last_page(seq)) copy_shared_page(seq, std::ssize(seq.pages) - 1);
       while (std::ssize(seq.pages) < pages_for(seq.length + tokens)) {
-        seq.pages.push_back(pool_.allocate());
+        seq.pages.push_back(ledger().allocate());
       }
-      for (std::int64_t t = seq.length; t < seq.length + tokens; ++t) {
+      const std::int64_t end = seq.length + tokens;
+      for (std::int64_t t = seq.length; t < end;) {
         const auto slot = static_cast<std::int32_t>(t % page_size);
-        float* mass = metadata_.mass(page_of(seq, t)) + std::int64_t{slot} * format_.k.heads;
-        std::fill(mass, mass + format_.k.heads, 0.0f);
-        metadata_.set_covered(page_of(seq, t), slot + 1);
+        const auto count =
+            static_cast<std::int32_t>(std::min<std::int64_t>(page_size - slot, end - t));
+        plan.runs.push_back({page_of(seq, t), slot, slot + count, row});
+        storage_.set_covered(page_of(seq, t), slot + count);
+        t += count;
+        row += count;
       }
-      seq.length += tokens;
+      seq.length = end;
     }
+    storage_.clear_mass(plan.runs);
   }
 
-  // Copy on write of seq's shared partial last page: the copy's bounds cover seq's slots alone,
-  // and the original's shrink to what its other holders fill.
-  void copy_last_page(sequence& seq) {
-    const std::int32_t shared = seq.pages.back();
-    const std::int32_t copy = pool_.allocate();
-    std::memcpy(pool_.bytes(copy).data(), pool_.bytes(shared).data(),
-                static_cast<std::size_t>(pool_.page_bytes()));
-    metadata_.copy_page(shared, copy);
-    pool_.release(shared);
-    seq.pages.back() = copy;
-    const std::int64_t index = std::ssize(seq.pages) - 1;
-    const auto filled = static_cast<std::int32_t>(seq.length - index * page_size);
-    if (metadata_.covered(copy) != filled) fold_bounds(copy, 0, filled);
+  // Copy on write of seq's shared page `index`: the copy's bounds cover seq's slots alone, and
+  // the original's shrink to what its other holders fill.
+  void copy_shared_page(sequence& seq, std::int64_t index) {
+    const std::int32_t shared = seq.pages[static_cast<std::size_t>(index)];
+    const std::int32_t copy = ledger().allocate();
+    storage_.copy_page(shared, copy);
+    ledger().release(shared);
+    seq.pages[static_cast<std::size_t>(index)] = copy;
+    const auto filled = static_cast<std::int32_t>(
+        std::min<std::int64_t>(page_size, seq.length - index * page_size));
+    if (storage_.covered(copy) != filled) fold_bounds(copy, 0, filled);
     refresh_bounds(shared, index);
+  }
+
+  // Copies every page seq shares (the free pages were checked).
+  void unshare_pages(sequence& seq) {
+    for (std::int64_t index = 0; index < std::ssize(seq.pages); ++index) {
+      if (ledger().ref_count(seq.pages[static_cast<std::size_t>(index)]) > 1) {
+        copy_shared_page(seq, index);
+      }
+    }
   }
 
   // Releases seq's pages from `index` on (seq.length is already the new length).
   void release_from(sequence& seq, std::int64_t index) {
     for (std::int64_t i = index; i < std::ssize(seq.pages); ++i) {
       const std::int32_t page = seq.pages[static_cast<std::size_t>(i)];
-      pool_.release(page);
+      ledger().release(page);
       refresh_bounds(page, i);
     }
     seq.pages.resize(static_cast<std::size_t>(index));
@@ -536,7 +880,7 @@ class cache {
   // Recomputes the key bounds of page `page` (page `index` of each sequence holding it) when its
   // holders now fill fewer slots than the bounds cover.
   void refresh_bounds(std::int32_t page, std::int64_t index) {
-    if (pool_.ref_count(page) == 0) return;
+    if (ledger().ref_count(page) == 0) return;
     std::int64_t filled = 0;
     for (const auto& [id, other] : sequences_) {
       if (std::ssize(other.pages) > index && other.pages[static_cast<std::size_t>(index)] == page) {
@@ -544,14 +888,14 @@ class cache {
             std::max(filled, std::min<std::int64_t>(page_size, other.length - index * page_size));
       }
     }
-    if (filled < metadata_.covered(page)) fold_bounds(page, 0, static_cast<std::int32_t>(filled));
+    if (filled < storage_.covered(page)) fold_bounds(page, 0, static_cast<std::int32_t>(filled));
   }
 
-  // detail::fold_key_bounds on one page of the pool (the function update_key_bounds runs).
+  // The storage's fold on one page's slots (the function update_key_bounds runs).
   void fold_bounds(std::int32_t page, std::int32_t slot_begin, std::int32_t slot_end) {
-    detail::fold_key_bounds(format_, pool_.data() + page * format_.page_bytes(), slot_begin,
-                            slot_end, metadata_.key_min(page), metadata_.key_max(page));
-    if (slot_begin == 0) metadata_.set_covered(page, slot_end);
+    const page_run run{page, slot_begin, slot_end, 0};
+    storage_.fold(std::span<const page_run>(&run, 1));
+    if (slot_begin == 0) storage_.set_covered(page, slot_end);
   }
 
   // Sequence s, const or not, or an error naming it.
@@ -571,9 +915,7 @@ class cache {
     return seq.pages[static_cast<std::size_t>(index)];
   }
 
-  format_type format_;
-  page_pool pool_;
-  page_metadata metadata_;
+  storage_type storage_;
   std::map<sequence_id, sequence> sequences_;
   sequence_id next_id_ = 0;
 };

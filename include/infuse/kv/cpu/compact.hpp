@@ -15,9 +15,10 @@
 //
 // The compacted sequences' pages must not be shared with any other sequence: compaction writes
 // in place, so a page a fork shares would change for both (compact a fork only after giving it
-// pages of its own). Two compacted sequences holding one page is an error (the view shows that
-// much; sharing with sequences outside the batch is the caller's to rule out). Every check runs
-// before the first byte is written.
+// pages of its own: kv::cache::unshare). Two compacted sequences holding one page is an error (the
+// view shows that much; sharing with sequences outside the batch is the caller's to rule out).
+// Every check runs before the first byte is written. kv::cache::compact does all of it (unshare,
+// move, key bounds, truncate) on host or device memory (kv/page_pool.hpp, kv/cuda/cache.cuh).
 #pragma once
 
 #include <algorithm>
