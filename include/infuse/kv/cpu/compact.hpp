@@ -183,7 +183,9 @@ void compact(const exec::cpu& exec, const host_cache_view<Layout, KScheme, VSche
   std::vector<char> owned(static_cast<std::size_t>(cache.pool_pages), 0);
   for (std::int64_t i = 0; i < batch; ++i) {
     const std::int32_t s = sequences(i);
-    const std::string index = "[" + std::to_string(i) + "]";
+    std::string index = "[";  // appended, not "[" + ...: g++ 12 warns falsely (-Wrestrict) there
+    index += std::to_string(i);
+    index += ']';
     require(s >= 0 && s < cache.sequences(), call, "sequences" + index, s,
             "a sequence of the cache view, 0 to " + std::to_string(cache.sequences() - 1));
     detail::for_each_page(cache.table, s, [&](std::int32_t page) {
