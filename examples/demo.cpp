@@ -6,6 +6,10 @@
 //
 // With --model PATH it runs a real llama2.c or GGUF checkpoint instead: the same configurations
 // generate text from a prompt, and the table shows their speed and memory.
+//
+// With --speculative it runs self-speculative decoding instead: an int2 copy of the model drafts
+// tokens that the int8 model verifies (examples/llama/speculative.hpp), on the passkey task or on
+// the checkpoint, against the int8 model decoding alone in the same run.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -25,6 +29,7 @@
 #include "llama/model.hpp"
 #include "llama/passkey.hpp"
 #include "llama/retrieval_model.hpp"
+#include "llama/speculative.hpp"
 #include "llama/tokenizer.hpp"
 
 namespace {
@@ -108,6 +113,21 @@ struct coverage {
   static sparsity::params params() { return {}; }
 };
 
+// The draft of self-speculative decoding: the int8 configuration's weights at 2 bits. With 4
+// levels a group, a zero point keeps 0 and the group's extreme both exact where the symmetric
+// int2 code has 3 levels; groups of 32 follow the weights' local range. KV at 2 bits likewise.
+struct int2_draft {
+  static constexpr const char* name = "int2";
+  static constexpr const char* about =
+      "int2 weights and KV (groups of 32, zero point): the speculative draft";
+  using weights = quant::int_<2, 32, quant::zero_point>;
+  using k = quant::int_<2, 32, quant::zero_point>;
+  using v = quant::int_<2, 32, quant::zero_point>;
+  using layout = kv::paged<16>;
+  using sparsity = sparse::dense;
+  static sparsity::params params() { return {}; }
+};
+
 // ---- options ------------------------------------------------------------------------------------
 
 struct options {
@@ -122,6 +142,8 @@ struct options {
   float top_p = 0.9f;
   std::uint64_t seed = 2026;
   int decode_tokens = 16;  // decoded after the answer, to time decode
+  bool speculative = false;
+  int gamma = 4;
 };
 
 constexpr const char* usage = R"(usage: demo [options]
@@ -143,6 +165,12 @@ options:
   --generate N       tokens to generate with --model (default 32)
   --temperature T    sampling temperature for --model (default 0: greedy)
   --top-p P          nucleus share for --model sampling (default 0.9)
+  --speculative      self-speculative decoding instead of the table: an int2 copy of the model
+                     drafts --gamma tokens a step, the int8 model verifies them in one pass
+                     (lossless: the int8 model's own tokens); prints passkey accuracy, the
+                     acceptance rate and the speed-up over the int8 model decoding alone, over
+                     --generate tokens after the prompt (with --model too; --temperature applies)
+  --gamma N          draft tokens per speculative step (default 4)
   --help             this text
 )";
 
@@ -187,9 +215,13 @@ options parse(int argc, char** argv) {
       std::fputs(usage, stdout);
       std::exit(0);
     }
+    if (flag == "--speculative") {
+      o.speculative = true;
+      continue;
+    }
     constexpr std::string_view with_value[] = {
-        "--lengths", "--trials", "--configs",  "--threads",     "--seed",
-        "--model",   "--prompt", "--generate", "--temperature", "--top-p"};
+        "--lengths", "--trials",   "--configs",     "--threads", "--seed", "--model",
+        "--prompt",  "--generate", "--temperature", "--top-p",   "--gamma"};
     if (std::find(std::begin(with_value), std::end(with_value), flag) == std::end(with_value)) {
       throw std::invalid_argument("unknown flag: " + std::string(flag));
     }
@@ -216,6 +248,8 @@ options parse(int argc, char** argv) {
       o.temperature = parse_float(flag, value, 0.0f, 100.0f);
     } else if (flag == "--top-p") {
       o.top_p = parse_float(flag, value, 1e-6f, 1.0f);
+    } else if (flag == "--gamma") {
+      o.gamma = static_cast<int>(parse_integer(flag, value, 1, 64));
     } else {  // --generate
       o.generate = static_cast<int>(parse_integer(flag, value, 1, 100000));
     }
@@ -481,6 +515,140 @@ int run_checkpoint(const options& o, const infuse::exec::cpu& exec) {
   return 0;
 }
 
+// ---- self-speculative decoding
+// -------------------------------------------------------------------
+
+using speculative_pair = llama::speculative<int2_draft, int8>;
+
+// One prompt through the int8 model alone and through the self-speculative pair: `count` tokens
+// after the prompt from each, timed from the prompt's last token on (prefills excluded).
+struct speculative_run {
+  std::vector<std::int32_t> alone, speculated;
+  double alone_seconds = 0, speculated_seconds = 0;
+  llama::speculative_stats stats;
+};
+
+speculative_run compare_speculative(const options& o, const infuse::exec::cpu& exec,
+                                    const llama::model<int2_draft>& draft,
+                                    const llama::model<int8>& target,
+                                    std::span<const std::int32_t> prompt, std::int64_t count) {
+  speculative_run r;
+  const std::int64_t capacity = std::ssize(prompt) + count;
+  {
+    llama::session<int8> session(target, exec, capacity, int8::params());
+    if (prompt.size() > 1) session.prefill(prompt.first(prompt.size() - 1));
+    const auto start = clock_type::now();
+    session.decode(prompt.back());
+    r.alone.push_back(session.sample(o.temperature, 1.0f, o.seed));
+    while (std::ssize(r.alone) < count) {
+      session.decode(r.alone.back());
+      r.alone.push_back(session.sample(o.temperature, 1.0f, o.seed));
+    }
+    r.alone_seconds = seconds_since(start);
+  }
+  speculative_pair pair(draft, target, exec, capacity, o.gamma);
+  pair.start(prompt);
+  const auto start = clock_type::now();
+  while (std::ssize(r.speculated) < count) {
+    const auto emitted = pair.step(o.temperature, o.seed);
+    r.speculated.insert(r.speculated.end(), emitted.begin(), emitted.end());
+  }
+  r.speculated_seconds = seconds_since(start);
+  r.speculated.resize(static_cast<std::size_t>(count));
+  r.stats = pair.stats();
+  return r;
+}
+
+void print_speculative_note(const options& o) {
+  std::printf(
+      "\nint8 alone: one decode step a token; speculative: the int2 draft proposes %d tokens a "
+      "step, the\nint8 model verifies them in one pass (%s). acceptance: accepted draft tokens / "
+      "drafted.\nspeeds from the prompt's last token on, prefills excluded.\n",
+      o.gamma,
+      o.temperature == 0.0f ? "greedy: the same tokens as int8 alone"
+                            : "sampling: distributed as int8 alone");
+}
+
+int run_speculative_passkey(const options& o, const infuse::exec::cpu& exec) {
+  const llama::float_weights weights = llama::retrieval::weights();
+  const llama::model<int2_draft> draft(weights);
+  const llama::model<int8> target(weights);
+  const std::int64_t count = o.generate;
+  std::printf(
+      "infuse %d.%d.%d demo: self-speculative passkey retrieval with a 2-layer Llama built in "
+      "code,\nint2 draft / int8 target, gamma %d, %lld tokens after each prompt, %d CPU threads\n",
+      INFUSE_VERSION_MAJOR, INFUSE_VERSION_MINOR, INFUSE_VERSION_PATCH, o.gamma,
+      static_cast<long long>(count), exec.threads());
+  double total = 0;
+  for (const std::int64_t length : o.lengths) total += trials_at(o, length) * trial_cost(length);
+  progress bar(total);
+  std::vector<std::string> lines;
+  for (const std::int64_t length : o.lengths) {
+    const int trials = trials_at(o, length);
+    int alone_correct = 0, speculated_correct = 0, same = 0;
+    double alone_seconds = 0, speculated_seconds = 0;
+    llama::speculative_stats stats;
+    for (int trial = 0; trial < trials; ++trial) {
+      bar.draw("speculative, " + std::to_string(length) + " tokens, passkey " +
+               std::to_string(trial + 1) + "/" + std::to_string(trials));
+      const llama::passkey_prompt prompt = llama::make_passkey_prompt(length, o.seed, trial);
+      const speculative_run r = compare_speculative(o, exec, draft, target, prompt.tokens, count);
+      alone_correct += r.alone.front() == prompt.answer ? 1 : 0;
+      speculated_correct += r.speculated.front() == prompt.answer ? 1 : 0;
+      same += r.alone == r.speculated ? 1 : 0;
+      alone_seconds += r.alone_seconds;
+      speculated_seconds += r.speculated_seconds;
+      stats.drafted += r.stats.drafted;
+      stats.accepted += r.stats.accepted;
+      bar.advance(trial_cost(length), "speculative");
+    }
+    const auto fraction = [&](int n) { return std::to_string(n) + "/" + std::to_string(trials); };
+    char line[160];
+    std::snprintf(line, sizeof(line), "%7lld %9s %9s %6s %10.1f%% %12.1f %12.1f %8.2fx",
+                  static_cast<long long>(length), fraction(alone_correct).c_str(),
+                  fraction(speculated_correct).c_str(), fraction(same).c_str(),
+                  100.0 * stats.acceptance_rate(), double(count * trials) / alone_seconds,
+                  double(count * trials) / speculated_seconds, alone_seconds / speculated_seconds);
+    lines.emplace_back(line);
+  }
+  std::printf("\n%7s %9s %9s %6s %11s %12s %12s %9s\n", "length", "acc int8", "acc spec", "same",
+              "acceptance", "int8 t/s", "spec t/s", "speed-up");
+  for (const std::string& line : lines) std::printf("%s\n", line.c_str());
+  print_speculative_note(o);
+  return 0;
+}
+
+int run_speculative_checkpoint(const options& o, const infuse::exec::cpu& exec) {
+  llama::checkpoint file = load_checkpoint(o.model);
+  infuse::require(file.vocab.size() > 0, "demo", "--model", o.model,
+                  "a checkpoint with its vocabulary (tokenizer.bin beside a llama2.c file)");
+  const llama::float_weights weights = llama::load_weights(file);
+  const llama::tokenizer tokenizer(file.vocab);
+  const std::vector<int> ids = tokenizer.encode(o.prompt, true, false);
+  const std::vector<std::int32_t> prompt(ids.begin(), ids.end());
+  const llama::model<int2_draft> draft(weights);
+  const llama::model<int8> target(weights);
+  const speculative_run r = compare_speculative(o, exec, draft, target, prompt, o.generate);
+  std::string text;
+  int previous = prompt.back();
+  for (const std::int32_t token : r.speculated) {
+    text += tokenizer.decode(previous, token);
+    previous = token;
+  }
+  std::printf("infuse demo: %s, self-speculative (int2 draft, int8 target, gamma %d), %d threads\n",
+              o.model.c_str(), o.gamma, exec.threads());
+  std::printf("\n[speculative] %s%s\n", o.prompt.c_str(), text.c_str());
+  std::printf(
+      "\n%d tokens: int8 alone %.1f t/s, speculative %.1f t/s, speed-up %.2fx; acceptance "
+      "%.1f%% (%lld of %lld drafted); same tokens as int8 alone: %s\n",
+      o.generate, o.generate / r.alone_seconds, o.generate / r.speculated_seconds,
+      r.alone_seconds / r.speculated_seconds, 100.0 * r.stats.acceptance_rate(),
+      static_cast<long long>(r.stats.accepted), static_cast<long long>(r.stats.drafted),
+      r.alone == r.speculated ? "yes" : "no");
+  print_speculative_note(o);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -500,6 +668,10 @@ int main(int argc, char** argv) {
   }
   try {
     const infuse::exec::cpu exec(o.threads);
+    if (o.speculative) {
+      return o.model.empty() ? run_speculative_passkey(o, exec)
+                             : run_speculative_checkpoint(o, exec);
+    }
     return o.model.empty() ? run_passkey_table(o, exec) : run_checkpoint(o, exec);
   } catch (const std::exception& e) {
     std::fprintf(stderr, "\ndemo: %s\n", e.what());

@@ -16,7 +16,9 @@
 // one sequence over it: a KV cache per layer and the activations of one chunk of tokens. A prompt
 // runs through prefill() in chunks (the projections as GEMMs over the chunk's tokens, attention
 // causal over everything before), every later token through decode(), whose attention reads what
-// Config::sparsity selects.
+// Config::sparsity selects. Speculative decoding (speculative.hpp) scores draft tokens with
+// score(), a prefill that returns the logits after every token, and drops rejected ones with
+// truncate().
 #pragma once
 
 #include <algorithm>
@@ -320,16 +322,44 @@ class session {
     for (std::size_t first = 0; first < tokens.size(); first += static_cast<std::size_t>(chunk_)) {
       const std::size_t count =
           std::min<std::size_t>(static_cast<std::size_t>(chunk_), tokens.size() - first);
-      forward(tokens.subspan(first, count), first + count == tokens.size(), attention_kind::causal);
+      forward(tokens.subspan(first, count),
+              first + count == tokens.size() ? head_rows::last : head_rows::none,
+              attention_kind::causal);
     }
     return logits_;
+  }
+
+  // Appends `tokens` as prefill does and returns the logits after each of them: row i (vocab) is
+  // the next-token distribution after tokens[i]. One pass scores a run of speculative draft
+  // tokens. Throws infuse::error as prefill does.
+  host_view<const float, 2> score(std::span<const std::int32_t> tokens) {
+    require_tokens(tokens, "infuse::llama::session::score");
+    const std::int64_t vocab = model_.config().vocab_size;
+    const auto n = static_cast<std::int64_t>(tokens.size());
+    scores_.resize(static_cast<std::size_t>(n * vocab));
+    for (std::int64_t first = 0; first < n; first += chunk_) {
+      const std::int64_t count = std::min(chunk_, n - first);
+      forward(tokens.subspan(static_cast<std::size_t>(first), static_cast<std::size_t>(count)),
+              head_rows::every, attention_kind::causal, &scores_[std::size_t(first * vocab)]);
+    }
+    return host_view<const float, 2>(scores_.data(), {n, vocab});
+  }
+
+  // Removes the last `tokens` tokens from every layer's KV cache (rejected speculative tokens):
+  // the next token goes in at position length() - tokens. logits() keeps its values. Throws
+  // infuse::error unless 0 <= tokens <= length().
+  void truncate(std::int64_t tokens) {
+    require(tokens >= 0 && tokens <= length_, "infuse::llama::session::truncate", "tokens", tokens,
+            "0 to the session's length " + std::to_string(length_));
+    for (std::size_t l = 0; l < caches_.size(); ++l) caches_[l].truncate(sequences_[l], tokens);
+    length_ -= tokens;
   }
 
   // Appends one token, attending to what Config::sparsity selects, and returns the next logits.
   std::span<const float> decode(std::int32_t token) {
     const std::int32_t one[1] = {token};
     require_tokens(one, "infuse::llama::session::decode");
-    forward(one, true, attention_kind::sparse);
+    forward(one, head_rows::last, attention_kind::sparse);
     return logits_;
   }
 
@@ -364,6 +394,7 @@ class session {
 
  private:
   enum class attention_kind { causal, sparse };
+  enum class head_rows { none, last, every };  // which tokens of a forward pass get logits
 
   void require_tokens(std::span<const std::int32_t> tokens, std::string_view call) const {
     require(!tokens.empty(), call, "tokens.size()", 0, "at least 1 token");
@@ -400,9 +431,11 @@ class session {
     return host_view<float, 2>(data.data(), {rows, cols});
   }
 
-  // Runs `tokens` (positions length_ ...) through every layer; the logits of the last one when
-  // `last` is set.
-  void forward(std::span<const std::int32_t> tokens, bool last, attention_kind kind) {
+  // Runs `tokens` (positions length_ ...) through every layer; the logits of the last one into
+  // logits_ (head_rows::last), or of every one into `every_logits` (tokens.size(), vocab) and of
+  // the last also into logits_ (head_rows::every).
+  void forward(std::span<const std::int32_t> tokens, head_rows head, attention_kind kind,
+               float* every_logits = nullptr) {
     const model_config& c = model_.config();
     const auto n = static_cast<std::int64_t>(tokens.size());
     const std::int64_t dim = c.dim, q_dim = model_.q_dim(), kv_dim = c.kv_dim();
@@ -429,12 +462,17 @@ class session {
       gemv(exec_, layer.w_down.view(), hidden, x, {.residual = x.data()});
     }
     length_ += n;
-    if (!last) return;
-    const host_view<const float, 2> final_row(&x(n - 1, 0), {1, dim});
-    const host_view<float, 2> final_normed(normed.data(), {1, dim});
-    detail::rms_norm(exec_, final_row, model_.output_norm(), c.rms_eps, final_normed);
+    if (head == head_rows::none) return;
+    const std::int64_t first = head == head_rows::every ? 0 : n - 1;
+    const host_view<const float, 2> final_rows(&x(first, 0), {n - first, dim});
+    const host_view<float, 2> final_normed(normed.data(), {n - first, dim});
+    float* const out = head == head_rows::every ? every_logits : logits_.data();
+    detail::rms_norm(exec_, final_rows, model_.output_norm(), c.rms_eps, final_normed);
     gemv(exec_, model_.output().view(), final_normed,
-         host_view<float, 2>(logits_.data(), {1, c.vocab_size}));
+         host_view<float, 2>(out, {n - first, c.vocab_size}));
+    if (out != logits_.data()) {
+      std::copy_n(out + (n - 1) * c.vocab_size, c.vocab_size, logits_.data());
+    }
   }
 
   // Attention of layer l for the rows of qkv (Q, K and V of the tokens at positions length_ ...,
@@ -479,6 +517,7 @@ class session {
   std::int64_t length_ = 0;
   std::vector<float> residual_, normed_, qkv_, attended_, hidden_;  // (chunk, ...) activations
   std::vector<float> logits_;                                       // (vocab)
+  std::vector<float> scores_;                                       // (tokens, vocab): score()
   std::vector<std::byte> workspace_;                                // decode attention's
   std::vector<std::byte> sample_workspace_;                         // search::sample's
 };
