@@ -10,6 +10,9 @@
 // With --speculative it runs self-speculative decoding instead: an int2 copy of the model drafts
 // tokens that the int8 model verifies (examples/llama/speculative.hpp), on the passkey task or on
 // the checkpoint, against the int8 model decoding alone in the same run.
+//
+// With --speed it times decoding of a model of TinyLlama's 1.1B-parameter shape with random int4
+// weights against the roofline: the bytes a token must read over the measured read bandwidth.
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
@@ -31,6 +34,9 @@
 #include "llama/retrieval_model.hpp"
 #include "llama/speculative.hpp"
 #include "llama/tokenizer.hpp"
+#if defined(INFUSE_DEMO_BANDWIDTH)
+#include "support/cpu_bandwidth.hpp"
+#endif
 
 namespace {
 
@@ -128,6 +134,17 @@ struct int2_draft {
   static sparsity::params params() { return {}; }
 };
 
+// The speed run: int4 weights (groups of 128) with int8 activations, int8 KV per token.
+struct int4_speed {
+  static constexpr const char* name = "int4 speed";
+  using weights = quant::int_<4, 128>;
+  using activations = infuse::gemm::int8_activations;
+  using k = int8_kv;
+  using v = int8_kv;
+  using layout = kv::paged<16>;
+  using sparsity = sparse::dense;
+};
+
 // ---- options ------------------------------------------------------------------------------------
 
 struct options {
@@ -144,6 +161,8 @@ struct options {
   int decode_tokens = 16;  // decoded after the answer, to time decode
   bool speculative = false;
   int gamma = 4;
+  bool speed = false;
+  std::int64_t speed_prompt = 1024;  // --speed: the first --lengths value when given
 };
 
 constexpr const char* usage = R"(usage: demo [options]
@@ -171,6 +190,11 @@ options:
                      acceptance rate and the speed-up over the int8 model decoding alone, over
                      --generate tokens after the prompt (with --model too; --temperature applies)
   --gamma N          draft tokens per speculative step (default 4)
+  --speed            time decoding of a model of TinyLlama's 1.1B shape (22 layers, dim 2048,
+                     32 query / 4 KV heads, vocab 32000) with random int4 weights and int8 KV,
+                     after a prompt of the first --lengths value (default 1024 here), over
+                     --generate tokens; prints tokens/s and the share of the roofline (weight
+                     and KV bytes per token over the read bandwidth measured in the same run)
   --help             this text
 )";
 
@@ -219,6 +243,10 @@ options parse(int argc, char** argv) {
       o.speculative = true;
       continue;
     }
+    if (flag == "--speed") {
+      o.speed = true;
+      continue;
+    }
     constexpr std::string_view with_value[] = {
         "--lengths", "--trials",   "--configs",     "--threads", "--seed", "--model",
         "--prompt",  "--generate", "--temperature", "--top-p",   "--gamma"};
@@ -232,6 +260,7 @@ options parse(int argc, char** argv) {
       for (const auto& part : split(value)) {
         o.lengths.push_back(parse_integer(flag, part, 3, std::int64_t{1} << 20));
       }
+      o.speed_prompt = o.lengths.front();
     } else if (flag == "--trials") {
       o.trials = static_cast<int>(parse_integer(flag, value, 1, 1000));
     } else if (flag == "--configs") {
@@ -651,6 +680,58 @@ int run_speculative_checkpoint(const options& o, const infuse::exec::cpu& exec) 
 
 }  // namespace
 
+// ---- the speed run ------------------------------------------------------------------------------
+
+int run_speed(const options& o, const infuse::exec::cpu& exec) {
+  const llama::model_config shape{2048, 5632, 22, 32, 4, 32000, 2048, 10000.0f, 1e-5f};
+  const std::int64_t prompt_tokens = o.speed_prompt;
+  infuse::require(prompt_tokens >= 1 && prompt_tokens + o.generate <= 1 << 20, "demo", "--lengths",
+                  prompt_tokens, "a prompt of 1 to 2^20 tokens with --generate after it");
+  std::printf("building a %d-layer model of TinyLlama's shape with random int4 weights...\n",
+              shape.n_layers);
+  const llama::model<int4_speed> m(shape, o.seed);
+  llama::session<int4_speed> s(m, exec, prompt_tokens + o.generate);
+  std::vector<std::int32_t> prompt(static_cast<std::size_t>(prompt_tokens));
+  for (std::size_t i = 0; i < prompt.size(); ++i) {
+    prompt[i] = static_cast<std::int32_t>((i * 7919 + o.seed) % shape.vocab_size);
+  }
+  auto start = clock_type::now();
+  s.prefill(prompt);
+  const double prefill_seconds = seconds_since(start);
+  std::int32_t token = s.greedy();
+  start = clock_type::now();
+  for (int i = 0; i < o.generate; ++i) {
+    s.decode(token);
+    token = s.greedy();
+  }
+  const double decode_seconds = seconds_since(start);
+  // Bytes one decode step must read: every weight but the embedding table (one row of it), and
+  // the KV cache of every layer at the mean context of the timed steps.
+  const double weights = double(m.weight_bytes()) - double(m.embedding().size()) * 4.0 +
+                         double(shape.dim) * 4.0;
+  const double kv_per_token = double(s.kv_bytes_per_token());
+  const double mean_context = double(prompt_tokens) + double(o.generate) / 2.0;
+  const double step_bytes = weights + kv_per_token * mean_context;
+  const double step_seconds = decode_seconds / o.generate;
+  std::printf("\n%s, %d threads: prompt %lld tokens in %.2f s (%.0f tokens/s)\n", int4_speed::name,
+              exec.threads(), static_cast<long long>(prompt_tokens), prefill_seconds,
+              double(prompt_tokens) / prefill_seconds);
+  std::printf("decode: %d tokens, %.1f ms/token (%.2f tokens/s)\n", o.generate,
+              step_seconds * 1e3, 1.0 / step_seconds);
+  std::printf("bytes per decode step: weights %s + KV %s (%s per token x %.0f tokens)\n",
+              bytes_text(weights).c_str(), bytes_text(kv_per_token * mean_context).c_str(),
+              bytes_text(kv_per_token).c_str(), mean_context);
+#if defined(INFUSE_DEMO_BANDWIDTH)
+  const double read_gbps = infuse::bench::cpu::measured_bandwidth().read_gbps;
+  const double roofline_seconds = step_bytes / (read_gbps * 1e9);
+  std::printf("read bandwidth measured now: %.1f GB/s; roofline %.1f ms/token; reached %.0f%%\n",
+              read_gbps, roofline_seconds * 1e3, 100.0 * roofline_seconds / step_seconds);
+#else
+  std::printf("(the roofline share needs the read-bandwidth probe of the benchmarks: build them)\n");
+#endif
+  return 0;
+}
+
 int main(int argc, char** argv) {
   options o;
   try {
@@ -668,6 +749,7 @@ int main(int argc, char** argv) {
   }
   try {
     const infuse::exec::cpu exec(o.threads);
+    if (o.speed) return run_speed(o, exec);
     if (o.speculative) {
       return o.model.empty() ? run_speculative_passkey(o, exec)
                              : run_speculative_checkpoint(o, exec);

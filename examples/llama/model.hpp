@@ -24,8 +24,10 @@
 #include <algorithm>
 #include <cmath>
 #include <concepts>
+#include <cstddef>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <string>
 #include <vector>
 
@@ -151,6 +153,18 @@ concept model_configuration =
     names_policies<C> && quant::scheme<typename C::weights> && quant::scheme<typename C::k> &&
     quant::scheme<typename C::v> && C::layout::is_paged && sparse::policy<typename C::sparsity>;
 
+// The activation policy of a configuration's products: Config::activations when it names one
+// (gemm::int8_activations: x quantized per block of 32 to int8, integer dot products), else float.
+template <class C>
+struct activations_of {
+  using type = gemm::float_activations;
+};
+template <class C>
+  requires requires { typename C::activations; }
+struct activations_of<C> {
+  using type = typename C::activations;
+};
+
 // ---- the model ----------------------------------------------------------------------------------
 
 template <class Config>
@@ -188,6 +202,51 @@ class model {
     }
     output_norm_ = w.output_norm;
     output_ = quantize(w.output, dim);
+  }
+
+  // Random weights at the shapes of `c`, for speed runs: codes and scales drawn directly in the
+  // scheme's storage (no float copy of the matrices), a random embedding, unit norms.
+  model(const model_config& c, std::uint64_t seed) : config_(c) {
+    std::uint64_t state = seed * 0x9E3779B97F4A7C15ull + 1;
+    const auto next = [&state] {  // splitmix64
+      std::uint64_t z = (state += 0x9E3779B97F4A7C15ull);
+      z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+      z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+      return z ^ (z >> 31);
+    };
+    const auto random_matrix = [&](std::int64_t rows, std::int64_t cols) {
+      matrix q;
+      q.rows = rows;
+      q.cols = cols;
+      const quant::matrix<scheme> shape{nullptr, nullptr, nullptr, rows, cols};
+      q.codes.resize(static_cast<std::size_t>(rows * shape.blocks_per_row() * scheme::block_bytes));
+      for (std::size_t i = 0; i < q.codes.size(); i += 8) {
+        const std::uint64_t bits = next();
+        for (std::size_t j = 0; j < 8 && i + j < q.codes.size(); ++j) {
+          q.codes[i + j] = static_cast<std::uint8_t>(bits >> (8 * j));
+        }
+      }
+      // Scales that keep activations of order one through the layers.
+      const float scale = 1.0f / (8.0f * std::sqrt(static_cast<float>(cols)));
+      q.scales.assign(static_cast<std::size_t>(shape.group_count() * scheme::scales_per_group),
+                      scale);
+      if constexpr (scheme::has_zero) {
+        q.zeros.assign(static_cast<std::size_t>(shape.group_count()), 1u << (scheme::bits - 1));
+      }
+      return q;
+    };
+    const std::int64_t dim = c.dim;
+    embedding_.resize(static_cast<std::size_t>(std::int64_t{c.vocab_size} * dim));
+    for (float& e : embedding_) e = static_cast<float>(next() >> 40) * 0x1p-24f - 0.5f;
+    for (int l = 0; l < c.n_layers; ++l) {
+      layers_.push_back({std::vector<float>(static_cast<std::size_t>(dim), 1.0f),
+                         random_matrix(q_dim() + 2 * c.kv_dim(), dim), random_matrix(dim, q_dim()),
+                         std::vector<float>(static_cast<std::size_t>(dim), 1.0f),
+                         random_matrix(c.hidden_dim, dim), random_matrix(c.hidden_dim, dim),
+                         random_matrix(dim, c.hidden_dim)});
+    }
+    output_norm_.assign(static_cast<std::size_t>(dim), 1.0f);
+    output_ = random_matrix(c.vocab_size, dim);
   }
 
   [[nodiscard]] const model_config& config() const { return config_; }
@@ -276,6 +335,7 @@ class session {
   using v_scheme = typename Config::v;
   using sparsity = typename Config::sparsity;
   using cache_type = kv::cache<layout, k_scheme, v_scheme>;
+  using activations = typename activations_of<Config>::type;
   static constexpr int page_size = layout::page_size;
 
   // A sequence of up to `capacity` tokens over `m` (which must outlive it); prompts run in chunks
@@ -303,6 +363,11 @@ class session {
     attended_.resize(static_cast<std::size_t>(rows * m.q_dim()));
     hidden_.resize(static_cast<std::size_t>(rows * c.hidden_dim));
     logits_.resize(static_cast<std::size_t>(c.vocab_size));
+    if constexpr (std::is_same_v<activations, gemm::int8_activations>) {
+      const std::int64_t widest = std::max<std::int64_t>({c.dim, c.hidden_dim, m.q_dim()});
+      activation_workspace_.resize(
+          static_cast<std::size_t>(gemm::int8_workspace_bytes(std::max(rows, chunk_), widest)));
+    }
   }
 
   [[nodiscard]] std::int64_t length() const { return length_; }
@@ -452,14 +517,15 @@ class session {
     for (int l = 0; l < c.n_layers; ++l) {
       const auto& layer = model_.layers()[l];
       detail::rms_norm(exec_, x, layer.attn_norm, c.rms_eps, normed);
-      gemv(exec_, layer.wqkv.view(), normed, qkv);
+      gemv(exec_, layer.wqkv.view(), normed, qkv, {}, products());
       detail::rope(exec_, qkv, 0, c.n_heads, c.head_dim(), length_, c.rope_base);
       detail::rope(exec_, qkv, q_dim, c.n_kv_heads, c.head_dim(), length_, c.rope_base);
       attend(l, qkv, attended, kind);
-      gemv(exec_, layer.wo.view(), attended, x, {.residual = x.data()});
+      gemv(exec_, layer.wo.view(), attended, x, {.residual = x.data()}, products());
       detail::rms_norm(exec_, x, layer.ffn_norm, c.rms_eps, normed);
-      gated_gemv(exec_, layer.w_gate.view(), layer.w_up.view(), normed, hidden, gemm::act::silu);
-      gemv(exec_, layer.w_down.view(), hidden, x, {.residual = x.data()});
+      gated_gemv(exec_, layer.w_gate.view(), layer.w_up.view(), normed, hidden, gemm::act::silu, {},
+                 products());
+      gemv(exec_, layer.w_down.view(), hidden, x, {.residual = x.data()}, products());
     }
     length_ += n;
     if (head == head_rows::none) return;
@@ -469,9 +535,18 @@ class session {
     float* const out = head == head_rows::every ? every_logits : logits_.data();
     detail::rms_norm(exec_, final_rows, model_.output_norm(), c.rms_eps, final_normed);
     gemv(exec_, model_.output().view(), final_normed,
-         host_view<float, 2>(out, {n - first, c.vocab_size}));
+         host_view<float, 2>(out, {n - first, c.vocab_size}), {}, products());
     if (out != logits_.data()) {
       std::copy_n(out + (n - 1) * c.vocab_size, c.vocab_size, logits_.data());
+    }
+  }
+
+  // The activation policy of every product, with its workspace.
+  activations products() {
+    if constexpr (std::is_same_v<activations, gemm::int8_activations>) {
+      return {activation_workspace_.data(), std::ssize(activation_workspace_)};
+    } else {
+      return {};
     }
   }
 
@@ -520,6 +595,7 @@ class session {
   std::vector<float> scores_;                                       // (tokens, vocab): score()
   std::vector<std::byte> workspace_;                                // decode attention's
   std::vector<std::byte> sample_workspace_;                         // search::sample's
+  std::vector<std::byte> activation_workspace_;                     // int8 activations'
 };
 
 }  // namespace infuse::llama
