@@ -1,5 +1,6 @@
 // infuse::gemv on CUDA: y = W x for Llama-sized W (4096x4096, 14336x4096, 4096x14336; n x k) and
-// batch 1, 4, 16, per scheme, after an L2 flush, timed with CUDA events. The anchor
+// batch 1, 4, 16, per scheme, and batch 64 for int4 g128 (batch 16 and up run on the tensor-core
+// body, gemm/cuda/gemm_tc.cuh), after an L2 flush, timed with CUDA events. The anchor
 // gemv.anchor_cublas/CASE is cuBLAS's cublasGemmEx on the same shape in half precision (half W,
 // x and y, float accumulation). GB/s counts the bytes that must move: W's codes, scales and zero
 // points, x and y, once each; roofline divides by gpu::measured_bandwidth().read_gbps.
@@ -140,7 +141,10 @@ void gemv(benchmark::State& state) {
   gpu::time_iterations(state, stream, [&] { infuse::gemv(exec, w.device, xv, yv); });
   const double error = sampled_error(s, x, y_device.to_host(),
                                      [&](std::int64_t n, std::int64_t k) { return w.host(n, k); });
-  if (!(error <= 1e-6)) {
+  // The tensor-core body rounds x and the weights to half: 2^-11 each, plus float sums.
+  namespace body = infuse::gemm::cuda::detail;
+  const bool half_operands = body::tensor_core_scheme<S> && s.batch >= body::tensor_core_min_batch;
+  if (!(error <= (half_operands ? 0x1p-10 + 1e-5 : 1e-6))) {
     bench::report_error(state, "sampled outputs off the float64 product by " +
                                    std::to_string(error) + " of sum |w x|");
   }
@@ -216,6 +220,15 @@ void cases(benchmark::internal::Benchmark* benchmark) {
   benchmark->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
+// Batch 64 on the tensor-core body (batch 16 is in cases), for int4 g128 and the anchor.
+void tensor_core_cases(benchmark::internal::Benchmark* benchmark) {
+  benchmark->ArgNames({"n", "k", "batch"});
+  for (const auto& [n, k] : {std::pair<int, int>{4096, 4096}, {14336, 4096}}) {
+    benchmark->Args({n, k, 64});
+  }
+  benchmark->UseManualTime()->Unit(benchmark::kMicrosecond);
+}
+
 template <class S>
 void register_scheme() {
   benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(), gemv<S>)->Apply(cases);
@@ -230,6 +243,10 @@ const bool registered = [] {
   register_scheme<quant::fp8<infuse::fp8_e4m3, quant::per_channel>>();
   register_scheme<quant::none<infuse::half>>();
   benchmark::RegisterBenchmark("gemv.anchor_cublas", anchor_cublas)->Apply(cases);
+  using int4_g128 = quant::int_<4, 128>;
+  benchmark::RegisterBenchmark((std::string("gemv.") + int4_g128::name).c_str(), gemv<int4_g128>)
+      ->Apply(tensor_core_cases);
+  benchmark::RegisterBenchmark("gemv.anchor_cublas", anchor_cublas)->Apply(tensor_core_cases);
   return true;
 }();
 

@@ -8,8 +8,9 @@
 // shared memory, so they are in flight meanwhile. The lane dequantizes its blocks in registers and
 // multiplies them into one accumulator per (row, batch row); a warp-shuffle reduction ends the
 // row, and the lane that stores an output applies the epilogue (bias, activation, gate, residual)
-// first. Batch 1..8 is one launch that reads W once; larger batches run in tiles of 8 batch rows
-// (W read once per tile: a tensor-core path for large batches is not written yet).
+// first. Batch 1..8 is one launch that reads W once; 9..15 run in tiles of 8 batch rows (W read
+// once per tile). Batches of tensor_core_min_batch rows or more go to the tensor-core body,
+// gemm/cuda/gemm_tc.cuh, which rounds x and the weights to half.
 //
 // x in shared memory is stored as float4 vectors, vector q of block b at b * 8 + (q ^ (b % 8)):
 // eight lanes that read vector q of eight consecutive blocks then hit eight different bank
@@ -41,6 +42,7 @@
 #include "infuse/gemm/gemv.hpp"
 #include "infuse/quant/int.hpp"
 #include "infuse/quant/matrix.hpp"
+#include "infuse/quant/none.hpp"
 #include "infuse/quant/scheme.hpp"
 
 namespace infuse::gemm::cuda {
@@ -289,12 +291,30 @@ inline device_view<const float, 2> gather_inputs(const exec::cuda& exec,
   return device_view<const float, 2>(options.input_workspace, {batch, k});
 }
 
+// Batches from this size multiply on tensor cores (gemm/cuda/gemm_tc.cuh), for schemes whose
+// dequantized weights half holds; float and bfloat16 weights keep the GEMV's float products.
+inline constexpr std::int64_t tensor_core_min_batch = 16;
+template <class S>
+inline constexpr bool tensor_core_scheme =
+    !std::is_same_v<S, quant::none<float>> && !std::is_same_v<S, quant::none<bfloat16>>;
+
+template <bool Gated, class S>
+void run_tensor_core(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
+                     const quant::matrix<S, device_memory>& w_up, device_view<const float, 2> x,
+                     device_view<float, 2> y, epilogue finish);
+
 // Every batch tile of a product, gated or not.
 template <bool Gated, class S>
 void run_tiles(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
                const quant::matrix<S, device_memory>& w_up, device_view<const float, 2> x,
                device_view<float, 2> y, epilogue finish) {
   const std::int64_t batch = x.extent(0);
+  if constexpr (tensor_core_scheme<S>) {
+    if (batch >= tensor_core_min_batch) {
+      run_tensor_core<Gated>(exec, w, w_up, x, y, finish);
+      return;
+    }
+  }
   const float* residual = finish.residual;
   for (std::int64_t first = 0; first < batch; first += max_batch_tile) {
     const int count = static_cast<int>(std::min<std::int64_t>(max_batch_tile, batch - first));
@@ -357,3 +377,5 @@ struct gemv_body<exec::cuda> {
 };
 
 }  // namespace infuse::gemm::detail
+
+#include "infuse/gemm/cuda/gemm_tc.cuh"  // the definition of run_tensor_core
