@@ -91,7 +91,7 @@ struct vector_format {
 
   // Quantizes one vector of head_dim floats into its codes and parameter records (host), each
   // group fitted by the scheme's round-to-nearest fit over its dims (padding included, as zeros).
-  void encode(const float* x, std::uint8_t* codes, std::uint8_t* params) const {
+  INFUSE_HOST_DEVICE void encode(const float* x, std::uint8_t* codes, std::uint8_t* params) const {
     float padded[1024 + quant::block_size];
     const int dims = stored_dim();
     std::memcpy(padded, x, sizeof(float) * static_cast<std::size_t>(head_dim));
@@ -122,7 +122,7 @@ struct vector_format {
     const std::string name(what);
     require(heads >= 1, call, name + ".heads", heads, "at least 1");
     require(head_dim >= 1 && head_dim <= 1024, call, name + ".head_dim", head_dim, "1 to 1024");
-    require(S::group <= 0 || stored_dim() % S::group == 0, call, name + ".head_dim", head_dim,
+    require(S::group <= 0 || stored_dim() % (S::group > 0 ? S::group : 1) == 0, call, name + ".head_dim", head_dim,
             std::string("a head dim whose padded size (") + std::to_string(stored_dim()) +
                 ") is a multiple of the scheme's group " + std::to_string(S::group) + " (" +
                 S::name + ")");

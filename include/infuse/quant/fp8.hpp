@@ -57,7 +57,8 @@ struct fp8 {
   }
 
   // The largest magnitude, times clip, lands on the format's largest finite value.
-  static stored_group<fp8> fit(const float* values, std::int64_t count, float clip) {
+  INFUSE_HOST_DEVICE static stored_group<fp8> fit(const float* values, std::int64_t count,
+                                                  float clip) {
     float amax = 0.0f;
     for (std::int64_t i = 0; i < count; ++i) amax = std::fmax(amax, std::fabs(values[i]));
     return {{clip * amax / float_format<Format>::max_finite}, 0};
@@ -69,7 +70,8 @@ struct fp8 {
     return float_to_bits<Format>(scaled, saturation::finite);
   }
 
-  static void pack(const std::uint32_t (&codes)[block_size], std::uint8_t* block) {
+  INFUSE_HOST_DEVICE static void pack(const std::uint32_t (&codes)[block_size],
+                                      std::uint8_t* block) {
     for (int j = 0; j < block_size; ++j) block[j] = static_cast<std::uint8_t>(codes[j]);
   }
 };

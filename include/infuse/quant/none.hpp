@@ -49,7 +49,7 @@ struct none {
     }
   }
 
-  static stored_group<none> fit(const float*, std::int64_t, float) { return {}; }
+  INFUSE_HOST_DEVICE static stored_group<none> fit(const float*, std::int64_t, float) { return {}; }
 
   // Round to nearest; values beyond half's range become Inf, as CUDA's conversion does.
   INFUSE_HOST_DEVICE static std::uint32_t encode(float w, const params&) {
@@ -60,7 +60,8 @@ struct none {
     }
   }
 
-  static void pack(const std::uint32_t (&codes)[block_size], std::uint8_t* block) {
+  INFUSE_HOST_DEVICE static void pack(const std::uint32_t (&codes)[block_size],
+                                      std::uint8_t* block) {
     for (int j = 0; j < block_size; ++j) {
       const auto bits = static_cast<storage>(codes[j]);
       std::memcpy(block + j * sizeof(storage), &bits, sizeof(storage));

@@ -140,10 +140,10 @@ struct quest {
     float* bounds = q.scratch;
     float* ranked = q.scratch + pages;
     for (std::int64_t i = 0; i < others; ++i) ranked[i] = bounds[i] = detail::page_bound(q, i);
-    if (wanted == 0)
-      return detail::pages_to_ranges(
-          q, pages, [](std::int64_t) { return false; }, out);
-    const float threshold = detail::select_rank(ranked, others, wanted - 1);
+    // With a budget of the last page alone no bound passes an infinite threshold. (One path for
+    // both: an early return here crashes CUDA 13.0's device compiler.)
+    const float threshold =
+        wanted == 0 ? INFINITY : detail::select_rank(ranked, others, wanted - 1);
     // Pages above the threshold, then ties in page order until the budget is met.
     std::int64_t above = 0;
     for (std::int64_t i = 0; i < others; ++i) above += bounds[i] > threshold ? 1 : 0;

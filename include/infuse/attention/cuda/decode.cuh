@@ -1,0 +1,360 @@
+// The CUDA body of decode attention: attention::cuda::decode over a cache in device memory, the
+// same function as the CPU body (attention/cpu/decode.hpp) up to the order of float sums.
+//
+//   std::vector<std::byte>-like workspace in device memory, at least
+//   attention::cuda::decode_workspace_bytes(exec, q_heads, cache, sparsity, max_length) bytes;
+//   attention::cuda::decode<Layout, K, V, Sparsity>(exec, q, cache, out, sparsity, opt, workspace,
+//                                                   max_length, lse);
+//
+// The cache's table lives on the device, so the host cannot read the lengths: the caller gives
+// max_length, at least the longest sequence of the batch (the workspace is sized from it). Every
+// sequence's tokens past max_length are not read. lse (batch, q_heads) is optional (an empty
+// view writes none); q, out, lse, the cache and options.alibi_slopes are device memory.
+//
+// Three launches on the exec's stream:
+//   1. select: one thread per unit (sequence, KV head) runs the policy's select() into the
+//      workspace (the group's query rows and the policy's scratch beside it), clips the ranges
+//      to the sequence as the CPU body does, and counts the selected tokens;
+//   2. attend: a CTA per (unit, split-KV chunk of split_tokens selected tokens, pass of up to
+//      rows_for<Bound> heads of the group) walks its chunk (attention/cuda/attend.cuh): each key
+//      and value record is read once for all the heads of the pass; the chunk's (acc, max, sum)
+//      per head goes to the workspace;
+//   3. merge: a warp per (sequence, query head) merges the unit's chunks as softmax states and
+//      writes out = acc / sum and the natural lse. No chunk (an empty selection): out 0, lse -inf.
+#pragma once
+
+#include "infuse/core/config.hpp"
+
+#if !defined(INFUSE_CUDA_COMPILER)
+#error "infuse/attention/cuda/decode.cuh is CUDA code: include it from a .cu file compiled by nvcc"
+#endif
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "infuse/attention/attention.hpp"
+#include "infuse/attention/cuda/attend.cuh"
+#include "infuse/attention/options.hpp"
+#include "infuse/core/error.hpp"
+#include "infuse/core/math.hpp"
+#include "infuse/core/view.hpp"
+#include "infuse/exec/cuda.cuh"
+#include "infuse/kv/cache_view.hpp"
+#include "infuse/sparse/policy.hpp"
+
+namespace infuse::attention::cuda {
+
+// Selected tokens of one split-KV chunk: a CTA's work.
+inline constexpr std::int64_t split_tokens = 256;
+
+// Where each part of the workspace lies (byte offsets from its 256-byte aligned start).
+struct decode_plan {
+  std::int64_t room = 0;    // token ranges per unit
+  std::int64_t chunks = 0;  // split-KV chunks per unit, at most
+  std::int64_t group = 0;
+  std::int64_t scratch_floats = 0;  // the policy's scratch per unit
+  std::int64_t partial_floats = 0;  // v.stored_dim() + 2: acc, max, sum
+  std::int64_t ranges_at = 0;       // token_range (units, room)
+  std::int64_t counts_at = 0;       // int64 (units): ranges kept
+  std::int64_t selected_at = 0;     // int64 (units): selected tokens
+  std::int64_t queries_at = 0;      // float (units, group, head_dim): select()'s query rows
+  std::int64_t scratch_at = 0;      // float (units, scratch_floats)
+  std::int64_t partials_at = 0;     // float (units, chunks, group, partial_floats)
+  std::int64_t bytes = 0;
+};
+
+template <class Layout, class KQuant, class VQuant, class Sparsity>
+decode_plan plan_decode(std::int64_t q_heads,
+                        const kv::cache_view<Layout, KQuant, VQuant, device_memory>& cache,
+                        const typename Sparsity::params& sparsity, std::int64_t max_length) {
+  const auto& f = cache.format;
+  const std::int64_t units = std::int64_t{cache.sequences()} * f.k.heads;
+  decode_plan p;
+  p.group = q_heads / f.k.heads;
+  // The policy's ranges for the longest sequence bound every shorter one's (the shipped
+  // policies' max_ranges grow with the length).
+  sparse::query_context longest{};
+  longest.length = max_length;
+  longest.query_begin = max_length - 1;
+  longest.query_end = max_length;
+  longest.new_begin = max_length;
+  longest.group = static_cast<std::int32_t>(p.group);
+  longest.head_dim = f.k.head_dim;
+  longest.page_size = f.slots;
+  longest.kv_heads = f.k.heads;
+  p.room = std::max<std::int64_t>(1, Sparsity::max_ranges(sparsity, longest));
+  p.chunks = std::max<std::int64_t>(1, (max_length + split_tokens - 1) / split_tokens);
+  const std::int64_t pages = (max_length + f.slots - 1) / f.slots;
+  p.scratch_floats = infuse::attention::detail::scratch_floats_per_page<Sparsity>() * pages;
+  p.partial_floats = f.v.stored_dim() + 2;
+  const auto align = [](std::int64_t n) { return kv::round_up(n, 256); };
+  p.ranges_at = 0;
+  p.counts_at = align(p.ranges_at + units * p.room * std::int64_t{sizeof(sparse::token_range)});
+  p.selected_at = align(p.counts_at + units * 8);
+  p.queries_at = align(p.selected_at + units * 8);
+  p.scratch_at = align(p.queries_at + units * p.group * f.k.head_dim * 4);
+  p.partials_at = align(p.scratch_at + units * p.scratch_floats * 4);
+  // 256 bytes of slack: the call aligns the start of the caller's buffer itself.
+  p.bytes = p.partials_at + units * p.chunks * p.group * p.partial_floats * 4 + 256;
+  return p;
+}
+
+namespace detail {
+
+// The workspace's parts, typed.
+struct decode_parts {
+  sparse::token_range* ranges;
+  std::int64_t* counts;
+  std::int64_t* selected;
+  float* queries;
+  float* scratch;
+  float* partials;
+
+  decode_parts(std::span<std::byte> workspace, const decode_plan& plan) {
+    auto* base = reinterpret_cast<std::byte*>(kv::round_up(
+        static_cast<std::int64_t>(reinterpret_cast<std::uintptr_t>(workspace.data())), 256));
+    ranges = reinterpret_cast<sparse::token_range*>(base + plan.ranges_at);
+    counts = reinterpret_cast<std::int64_t*>(base + plan.counts_at);
+    selected = reinterpret_cast<std::int64_t*>(base + plan.selected_at);
+    queries = reinterpret_cast<float*>(base + plan.queries_at);
+    scratch = reinterpret_cast<float*>(base + plan.scratch_at);
+    partials = reinterpret_cast<float*>(base + plan.partials_at);
+  }
+};
+
+// 1. The policy's selection of every unit, one thread each.
+template <class Layout, class K, class V, class Sparsity>
+__global__ void __launch_bounds__(threads_per_cta)
+    decode_select_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
+                         view<const float, 3, device_memory> q, typename Sparsity::params sparsity,
+                         float scale, decode_plan plan, decode_parts parts) {
+  const std::int64_t unit = std::int64_t{blockIdx.x} * threads_per_cta + threadIdx.x;
+  const std::int32_t kv_heads = cache.format.k.heads;
+  if (unit >= std::int64_t{cache.sequences()} * kv_heads) return;
+  const auto s = static_cast<std::int32_t>(unit / kv_heads);
+  const auto h = static_cast<std::int32_t>(unit % kv_heads);
+  const auto group = static_cast<std::int32_t>(plan.group);
+  const std::int32_t head_dim = cache.format.k.head_dim;
+  float* rows = parts.queries + unit * group * head_dim;
+  for (std::int32_t g = 0; g < group; ++g) {
+    for (std::int32_t d = 0; d < head_dim; ++d) rows[g * head_dim + d] = q(s, h * group + g, d);
+  }
+  const std::int64_t length = cache.length(s);
+  const std::int32_t run = s;  // the contiguous layout's one "page" of the sequence
+  sparse::query_context c{};
+  c.sequence = s;
+  c.kv_head = h;
+  c.length = length;
+  c.query_begin = length - 1;
+  c.query_end = length;
+  c.new_begin = length;
+  c.q = rows;
+  c.group = group;
+  c.head_dim = head_dim;
+  c.scale = scale;
+  c.page_size = cache.format.slots;
+  if constexpr (Layout::is_paged) {
+    c.pages = cache.table.indices + cache.table.indptr[s];
+  } else {
+    c.pages = &run;
+  }
+  c.kv_heads = kv_heads;
+  c.key_min = cache.key_min;
+  c.key_max = cache.key_max;
+  c.mass = cache.mass;
+  c.scratch = parts.scratch + unit * plan.scratch_floats;
+  c.scratch_floats = plan.scratch_floats;
+  sparse::token_range* ranges = parts.ranges + unit * plan.room;
+  // A policy that could write more ranges than the plan made room for is not run (max_length
+  // bounds every length): the unit then reads nothing.
+  const bool fits = Sparsity::max_ranges(sparsity, c) <= plan.room;
+  std::int64_t count = length == 0 || !fits ? 0 : Sparsity::select(sparsity, c, ranges);
+  count = count < 0 ? 0 : count > plan.room ? plan.room : count;
+  count = sanitize_ranges(ranges, count, length);
+  parts.counts[unit] = count;
+  parts.selected[unit] = selected_tokens(ranges, count);
+}
+
+// 2. One split-KV chunk of one unit, for one pass of up to Rows heads of the group.
+template <int Bound, class Layout, class K, class V, class Sparsity>
+__global__ void __launch_bounds__(threads_per_cta)
+    decode_attend_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
+                         view<const float, 3, device_memory> q, typename Sparsity::params sparsity,
+                         score_transform transform, decode_plan plan, decode_parts parts) {
+  constexpr int rows = rows_for<Bound>;
+  __shared__ shared_rows<Bound, Bound, rows> shared;
+  const std::int64_t unit = blockIdx.x;
+  const std::int64_t chunk = blockIdx.y;
+  const std::int32_t kv_heads = cache.format.k.heads;
+  const auto s = static_cast<std::int32_t>(unit / kv_heads);
+  const auto h = static_cast<std::int32_t>(unit % kv_heads);
+  const std::int64_t selected = parts.selected[unit];
+  const std::int64_t first = chunk * split_tokens;
+  if (first >= selected) return;  // the whole CTA: no barrier is left waiting
+  const std::int64_t last = selected < first + split_tokens ? selected : first + split_tokens;
+  const auto group = static_cast<std::int32_t>(plan.group);
+  const std::int32_t first_head = static_cast<std::int32_t>(blockIdx.z) * rows;
+  const std::int64_t query = cache.length(s) - 1;
+
+  if (threadIdx.x < static_cast<unsigned>(rows)) {
+    const std::int32_t g = first_head + static_cast<std::int32_t>(threadIdx.x);
+    shared.rows[threadIdx.x] = {h * group + g, query, g < group};
+  }
+  const auto row_pointer = [&](int r) -> const float* {
+    const std::int32_t g = first_head + r;
+    return g < group ? &q(s, h * group + g, 0) : nullptr;
+  };
+  load_rows(shared, row_pointer, cache.format.k.head_dim, transform.scale);
+
+  const walk_context<decltype(cache), Sparsity> c{
+      cache,
+      sparsity,
+      {1.0f, transform.soft_cap, transform.alibi_slopes},
+      s,
+      h,
+      query + 1,
+      parts.ranges + unit * plan.room,
+      parts.counts[unit]};
+  walk(c, shared, first, last);
+
+  const int v_stored = cache.format.v.stored_dim();
+  float* partial = parts.partials + (unit * plan.chunks + chunk) * group * plan.partial_floats;
+  for (int e = static_cast<int>(threadIdx.x); e < rows * (v_stored + 2); e += threads_per_cta) {
+    const int r = e / (v_stored + 2);
+    const int d = e % (v_stored + 2);
+    const std::int32_t g = first_head + r;
+    if (g >= group) continue;
+    const float value = d < v_stored    ? shared.warp_acc[0][r][d]
+                        : d == v_stored ? shared.warp_max[0][r]
+                                        : shared.warp_sum[0][r];
+    partial[g * plan.partial_floats + d] = value;
+  }
+}
+
+// 3. The merge of a unit's chunks for one query head, a warp each.
+template <class Layout, class K, class V>
+__global__ void __launch_bounds__(threads_per_cta)
+    decode_merge_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
+                        view<float, 3, device_memory> out, view<float, 2, device_memory> lse,
+                        decode_plan plan, decode_parts parts) {
+  const std::int64_t row =
+      std::int64_t{blockIdx.x} * warps_per_cta + static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  const std::int32_t kv_heads = cache.format.k.heads;
+  if (row >= std::int64_t{cache.sequences()} * kv_heads * plan.group) return;
+  const std::int64_t unit = row / plan.group;
+  const auto g = static_cast<std::int32_t>(row % plan.group);
+  const auto s = static_cast<std::int32_t>(unit / kv_heads);
+  const std::int32_t q_head = static_cast<std::int32_t>(unit % kv_heads) * plan.group + g;
+  const std::int64_t selected = parts.selected[unit];
+  std::int64_t chunks = (selected + split_tokens - 1) / split_tokens;
+  chunks = chunks < plan.chunks ? chunks : plan.chunks;
+  const int v_stored = cache.format.v.stored_dim();
+  const float* first = parts.partials + (unit * plan.chunks * plan.group + g) * plan.partial_floats;
+  const std::int64_t chunk_stride = plan.group * plan.partial_floats;
+
+  softmax_state<log_base::two> state;
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    const float* partial = first + c * chunk_stride;
+    state.merge({partial[v_stored], partial[v_stored + 1]});
+  }
+  const float inverse = state.inverse_sum();
+  const float origin = state.max == -INFINITY ? 0.0f : state.max;
+  for (std::int32_t d = lane; d < cache.format.v.head_dim; d += 32) {
+    float value = 0.0f;
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      const float* partial = first + c * chunk_stride;
+      const float exponent = partial[v_stored] - origin;
+      const float weight = exponent == 0.0f ? 1.0f : fast_exp2(exponent);
+      if (weight != 0.0f) value += weight * partial[d];
+    }
+    out(s, q_head, d) = value * inverse;
+  }
+  if (lane == 0 && lse.data() != nullptr) lse(s, q_head) = state.natural_lse();
+}
+
+}  // namespace detail
+
+template <class Layout, class KQuant, class VQuant, class Sparsity>
+std::int64_t decode_workspace_bytes(
+    const exec::cuda&, std::int64_t q_heads,
+    const kv::cache_view<Layout, KQuant, VQuant, device_memory>& cache,
+    const typename Sparsity::params& sparsity, std::int64_t max_length) {
+  constexpr std::string_view call = "infuse::attention::cuda::decode_workspace_bytes";
+  require_device_cache_view(cache, call);
+  require(q_heads >= 1 && q_heads % cache.format.k.heads == 0, call, "q_heads", q_heads,
+          "a positive multiple of the cache's KV heads " + std::to_string(cache.format.k.heads));
+  require(max_length >= 0, call, "max_length", max_length, "at least 0");
+  Sparsity::check(sparsity, call);
+  return plan_decode<Layout, KQuant, VQuant, Sparsity>(q_heads, cache, sparsity, max_length).bytes;
+}
+
+// Decode attention on the device (see the top of this file). Every argument is checked before
+// anything is launched.
+template <class Layout, class KQuant, class VQuant, class Sparsity>
+void decode(const exec::cuda& exec, device_view<const float, 3> q,
+            const kv::cache_view<Layout, KQuant, VQuant, device_memory>& cache,
+            device_view<float, 3> out, const typename Sparsity::params& sparsity,
+            const options& opt, std::span<std::byte> workspace, std::int64_t max_length,
+            device_view<float, 2> lse = {}) {
+  quant::static_check_scheme<KQuant>();
+  quant::static_check_scheme<VQuant>();
+  sparse::static_check_policy<Sparsity>();
+  constexpr std::string_view call = "infuse::attention::cuda::decode";
+  require_device_cache_view(cache, call);
+  const auto& f = cache.format;
+  const std::int64_t batch = q.extent(0);
+  require(batch == cache.sequences(), call, "q.extent(0)", batch,
+          "cache.sequences() = " + std::to_string(cache.sequences()) + " (the batch)");
+  const std::int64_t q_heads = q.extent(1);
+  require(q_heads >= 1 && q_heads % f.k.heads == 0, call, "q.extent(1)", q_heads,
+          "a positive multiple of the cache's KV heads " + std::to_string(f.k.heads));
+  require_view(q, call, "q", {any_extent, any_extent, {f.k.head_dim, "cache.format.k.head_dim"}});
+  require_view(out, call, "out",
+               {{batch, "batch"}, {q_heads, "q heads"}, {f.v.head_dim, "cache.format.v.head_dim"}});
+  if (lse.data() != nullptr) {
+    require_view(lse, call, "lse", {{batch, "batch"}, {q_heads, "q heads"}}, stride_rule::any);
+  }
+  Sparsity::check(sparsity, call);
+  if constexpr (infuse::attention::detail::needs_key_bounds<Sparsity>()) {
+    require(cache.key_min != nullptr, call, "cache.key_min", cache.key_min,
+            std::string("per-page key minima, which sparse::") + Sparsity::name + " reads");
+    require(cache.key_max != nullptr, call, "cache.key_max", cache.key_max,
+            std::string("per-page key maxima, which sparse::") + Sparsity::name + " reads");
+  }
+  require_options(opt, call);
+  require(max_length >= 0 && (max_length + split_tokens - 1) / split_tokens <= 65535, call,
+          "max_length", max_length,
+          "at least the longest sequence, at most " + std::to_string(65535 * split_tokens));
+  const decode_plan plan =
+      plan_decode<Layout, KQuant, VQuant, Sparsity>(q_heads, cache, sparsity, max_length);
+  require(static_cast<std::int64_t>(workspace.size()) >= plan.bytes, call, "workspace.size()",
+          workspace.size(), "at least decode_workspace_bytes(...) = " + std::to_string(plan.bytes));
+  require(workspace.data() != nullptr, call, "workspace.data()", workspace.data(), "a pointer");
+  const std::int64_t units = batch * f.k.heads;
+  if (units == 0) return;
+
+  const detail::decode_parts parts(workspace, plan);
+  const score_transform transform = score_transform::from(opt, f.k.head_dim);
+  exec.launch(detail::decode_select_kernel<Layout, KQuant, VQuant, Sparsity>,
+              dim3(static_cast<unsigned>((units + threads_per_cta - 1) / threads_per_cta)),
+              dim3(threads_per_cta), 0, cache, q, sparsity, transform.scale, plan, parts);
+  dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
+    constexpr int rows = rows_for<Bound>;
+    const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(plan.chunks),
+                    static_cast<unsigned>((plan.group + rows - 1) / rows));
+    exec.launch(detail::decode_attend_kernel<Bound, Layout, KQuant, VQuant, Sparsity>, grid,
+                dim3(threads_per_cta), 0, cache, q, sparsity, transform, plan, parts);
+  });
+  exec.launch(detail::decode_merge_kernel<Layout, KQuant, VQuant>,
+              dim3(static_cast<unsigned>((units * plan.group + warps_per_cta - 1) / warps_per_cta)),
+              dim3(threads_per_cta), 0, cache, out, lse, plan, parts);
+}
+
+}  // namespace infuse::attention::cuda
