@@ -4,11 +4,15 @@
 //   1. select: the policy's select() writes the unit's token ranges (checked: clipped to the
 //      sequence, ascending, disjoint); the selected tokens are cut into split-KV chunks of
 //      attention::split_tokens;
-//   2. attend: every chunk, on any thread, walks its ranges page by page in place. Per token it
-//      dequantizes the K vector in registers (the same unpacking as the CPU gemv, bit-exact with
-//      the scheme's value()) into a small buffer, scores it against every query head of the group
-//      (each K and V vector is read once per group), and updates an online softmax per head a
-//      tile of tokens at a time; then it adds the weighted V vector to each head's accumulator;
+//   2. attend: every chunk, on any thread, walks its ranges a tile (up to score_tile tokens of
+//      one page) at a time, requesting the next tile's records before reading this one. Scores:
+//      a few K vectors at a time against a run of the group's query heads, each chunk of each K
+//      vector unpacked in registers (the CPU gemv's unpacking, bit-exact with the scheme's
+//      value()) and multiplied by every head of the run, one accumulator per (head, token), all
+//      summed across lanes at once; then the score transform (vectorized when it is a scale
+//      alone) and an online softmax per head over the tile. V: each chunk of each V vector is
+//      unpacked in registers once and added, weighted, to every head's accumulator. Each K and V
+//      vector is read from memory once per group;
 //   3. merge: the thread that finishes a unit's last chunk merges the unit's chunks as softmax
 //      states (max, sum, unnormalised accumulator) and normalises the result into out; the lse
 //      and token weights follow from the merged state.
@@ -45,20 +49,6 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 namespace detail {
 
-// a · b over n floats, n a multiple of 32.
-template <int Stored>
-INFUSE_FORCE_INLINE float dot(const float* a, const float* b, int n) {
-  const float_tag d;
-  const int lanes = static_cast<int>(hn::Lanes(d));
-  auto s0 = hn::Zero(d);
-  auto s1 = hn::Zero(d);
-  for (int i = 0; i < dims_or<Stored>(n); i += 2 * lanes) {
-    s0 = hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), s0);
-    s1 = hn::MulAdd(hn::LoadU(d, a + i + lanes), hn::LoadU(d, b + i + lanes), s1);
-  }
-  return hn::GetLane(hn::SumOfLanes(d, hn::Add(s0, s1)));
-}
-
 // acc = acc * factor + weight * v over n floats, n a multiple of 32.
 template <int Stored>
 INFUSE_FORCE_INLINE void scale_add(float* acc, float factor, float weight, const float* v, int n) {
@@ -71,9 +61,17 @@ INFUSE_FORCE_INLINE void scale_add(float* acc, float factor, float weight, const
   }
 }
 
-// Asks for the cache lines of a record of `bytes` bytes.
-INFUSE_FORCE_INLINE void prefetch_record(const std::uint8_t* record, std::int64_t bytes) {
-  for (std::int64_t line = 0; line < bytes; line += 64) hwy::Prefetch(record + line);
+// Asks for the cache lines of n records of `bytes` bytes, the first at `first` and each `stride`
+// bytes after the previous: one sweep when they touch (a head's records in hnd pages).
+INFUSE_FORCE_INLINE void prefetch_records(const std::uint8_t* first, std::int64_t stride,
+                                          std::int64_t n, std::int64_t bytes) {
+  if (n == 1 || stride == bytes) {
+    for (std::int64_t line = 0; line < n * bytes; line += 64) hwy::Prefetch(first + line);
+    return;
+  }
+  for (std::int64_t j = 0; j < n; ++j) {
+    for (std::int64_t line = 0; line < bytes; line += 64) hwy::Prefetch(first + j * stride + line);
+  }
 }
 
 // The largest of a tile's score_tile scores.
@@ -106,29 +104,153 @@ INFUSE_FORCE_INLINE float tile_weights(float* scores, float max) {
   return hn::GetLane(hn::SumOfLanes(d, sum));
 }
 
-// acc = acc * factor + sum_j weights[j] * v_j over the tile's n V vectors (v_stored apart),
-// one register per chunk of acc across the tile.
-template <int VStored>
-INFUSE_FORCE_INLINE void accumulate_tile(float* acc, float factor, const float* weights,
-                                         const float* v, std::int64_t n, int v_stored) {
+// A tile's raw dot products of one head as base-2 logits, raw * scale_log2 where visible[j] is
+// nonzero and -inf elsewhere: the score transform when it is a scale alone.
+INFUSE_FORCE_INLINE void scaled_logits(float* scores, const float* visible, float scale_log2) {
   const float_tag d;
-  const int lanes = static_cast<int>(hn::Lanes(d));
-  const int dims = dims_or<VStored>(v_stored);
-  for (int c = 0; c < dims; c += lanes) {
-    auto a = hn::Mul(hn::Set(d, factor), hn::LoadU(d, acc + c));
-    for (std::int64_t j = 0; j < n; ++j) {
-      a = hn::MulAdd(hn::Set(d, weights[j]), hn::LoadU(d, v + j * dims + c), a);
-    }
-    hn::StoreU(a, d, acc + c);
+  for (std::int64_t j = 0; j < score_tile; j += static_cast<std::int64_t>(hn::Lanes(d))) {
+    const auto s = hn::Mul(hn::LoadU(d, scores + j), hn::Set(d, scale_log2));
+    hn::StoreU(
+        hn::IfThenElse(hn::Gt(hn::LoadU(d, visible + j), hn::Zero(d)), s, hn::Set(d, -INFINITY)), d,
+        scores + j);
   }
+}
+
+// Lane r of the result is the sum of the lanes of rows[r], one row per lane: each level adds
+// neighbouring lanes of two vectors and concatenates the halves, so the rows keep their order.
+template <class D, std::size_t Rows>
+INFUSE_FORCE_INLINE hn::Vec<D> sum_rows(D d, hn::Vec<D> (&rows)[Rows]) {
+  static_assert(Rows == hn::MaxLanes(D()), "sum_rows takes one row per lane");
+#if HWY_TARGET != HWY_SCALAR  // one lane there (nvcc's host pass): nothing to add, no Concat ops
+  for (std::size_t n = Rows; n > 1; n /= 2) {
+    for (std::size_t i = 0; i < n / 2; ++i) {
+      rows[i] = hn::Add(hn::ConcatEven(d, rows[2 * i + 1], rows[2 * i]),
+                        hn::ConcatOdd(d, rows[2 * i + 1], rows[2 * i]));
+    }
+  }
+#else
+  (void)d;
+#endif
+  return rows[0];
+}
+
+// Float lanes of the registers that unpack scheme S.
+template <class S>
+inline constexpr int unpack_lanes = static_cast<int>(hn::MaxLanes(gemm::cpu::float_tag<S>()));
+
+// A tile's stored vectors: records of token j of the tile (past the tile's last token, the last
+// token's, so that whole register blocks of tokens read valid memory).
+struct tile_records {
+  const std::uint8_t* codes[score_tile];
+  const std::uint8_t* params[score_tile];
+};
+
+// Raw scores q_g · k_j of Heads query rows (q_stride floats apart) against the tile's first n K
+// vectors, into raw[g * score_tile + j]. Lanes / Heads K vectors at a time: each chunk of each is
+// unpacked once in registers and multiplied by every head, one accumulator per (head, token),
+// summed across lanes all together at the end.
+template <class S, int Stored, int Heads>
+INFUSE_FORCE_INLINE void score_heads(const kv::vector_format<S>& f, const tile_records& k,
+                                     std::int64_t n, const float* q, int q_stride, float* raw) {
+  using tag = gemm::cpu::float_tag<S>;
+  const tag d;
+  constexpr int lanes = unpack_lanes<S>;
+  constexpr int tokens = lanes / Heads;
+  static_assert(tokens >= 1 && score_tile % tokens == 0, "whole blocks of tokens per tile");
+  const int blocks = dims_or<Stored>(f.stored_dim()) / quant::block_size;
+  const int group_dims = S::group > 0 ? S::group : dims_or<Stored>(f.stored_dim());
+  for (std::int64_t j0 = 0; j0 < n; j0 += tokens) {
+    hn::Vec<tag> acc[lanes];
+    for (auto& a : acc) a = hn::Zero(d);
+    for (int b = 0; b < blocks; ++b) {
+      typename S::params p[tokens];
+      const std::uint8_t* block[tokens];
+      for (int t = 0; t < tokens; ++t) {
+        p[t] = f.group_params(k.params[j0 + t], b * quant::block_size / group_dims);
+        block[t] = k.codes[j0 + t] + std::int64_t{b} * S::block_bytes;
+      }
+      for (int c = 0; c < quant::block_size; c += lanes) {
+        hn::Vec<tag> key[tokens];
+        for (int t = 0; t < tokens; ++t) {
+          key[t] = gemm::cpu::detail::dequantize_chunk<S>(d, block[t], c, p[t]);
+        }
+        for (int g = 0; g < Heads; ++g) {
+          const auto query = hn::LoadU(d, q + g * q_stride + b * quant::block_size + c);
+          for (int t = 0; t < tokens; ++t) {
+            acc[g * tokens + t] = hn::MulAdd(query, key[t], acc[g * tokens + t]);
+          }
+        }
+      }
+    }
+    alignas(64) float sums[lanes];
+    hn::Store(sum_rows(d, acc), d, sums);
+    for (int g = 0; g < Heads; ++g) {
+      std::memcpy(raw + g * score_tile + j0, sums + g * tokens, sizeof(float) * tokens);
+    }
+  }
+}
+
+// acc_g = acc_g * factors[g] + sum over the tile's tokens j in needed[0, count) of
+// weights[g * score_tile + j] * v_j, for Heads heads (acc rows acc_stride floats apart): each
+// chunk of each V vector unpacked once in registers for every head.
+template <class S, int Stored, int Heads>
+INFUSE_FORCE_INLINE void accumulate_heads(const kv::vector_format<S>& f, const tile_records& v,
+                                          const std::int32_t* needed, int count,
+                                          const float* weights, const float* factors, float* acc,
+                                          std::int64_t acc_stride) {
+  using tag = gemm::cpu::float_tag<S>;
+  const tag d;
+  constexpr int lanes = unpack_lanes<S>;
+  const int dims = dims_or<Stored>(f.stored_dim());
+  const int group_dims = S::group > 0 ? S::group : dims;
+  // Two chunks at a time (both in one block): two independent FMA chains per head.
+  for (int at = 0; at < dims; at += 2 * lanes) {
+    const int c = at % quant::block_size;
+    const std::int64_t block_at = std::int64_t{at / quant::block_size} * S::block_bytes;
+    hn::Vec<tag> sum[Heads][2];
+    for (int g = 0; g < Heads; ++g) {
+      for (int i = 0; i < 2; ++i) {
+        sum[g][i] =
+            hn::Mul(hn::Set(d, factors[g]), hn::LoadU(d, acc + g * acc_stride + at + i * lanes));
+      }
+    }
+    for (int i = 0; i < count; ++i) {
+      const std::int32_t j = needed[i];
+      const auto p = f.group_params(v.params[j], at / group_dims);
+      const std::uint8_t* block = v.codes[j] + block_at;
+      const auto v0 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p);
+      const auto v1 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c + lanes, p);
+      for (int g = 0; g < Heads; ++g) {
+        const auto w = hn::Set(d, weights[g * score_tile + j]);
+        sum[g][0] = hn::MulAdd(w, v0, sum[g][0]);
+        sum[g][1] = hn::MulAdd(w, v1, sum[g][1]);
+      }
+    }
+    for (int g = 0; g < Heads; ++g) {
+      for (int i = 0; i < 2; ++i) hn::StoreU(sum[g][i], d, acc + g * acc_stride + at + i * lanes);
+    }
+  }
+}
+
+// Calls pass.template operator()<Heads>(g) for consecutive runs of heads covering [0, group):
+// runs of 4, then single heads, none wider than MaxHeads (two run widths keep the instantiations,
+// and the compile time, of every head dim and scheme down).
+template <int MaxHeads, class Pass>
+INFUSE_FORCE_INLINE void for_head_runs(std::int32_t group, Pass&& pass) {
+  std::int32_t g = 0;
+  const auto runs = [&]<int Heads>() {
+    if constexpr (Heads <= MaxHeads) {
+      for (; group - g >= Heads; g += Heads) pass.template operator()<Heads>(g);
+    }
+  };
+  runs.template operator()<4>();
+  runs.template operator()<1>();
 }
 
 // What one thread's scratch holds (floats).
 struct thread_scratch {
   float* q;        // (group, k.stored_dim): the group's query, zero past head_dim
   float* scores;   // (group, score_tile)
-  float* k;        // (k.stored_dim)
-  float* v;        // (score_tile, v.stored_dim): a tile of V vectors
   float* factors;  // (group): each head's rescale factor for the tile
   float* select;   // the policy's scratch
   std::int64_t select_floats;
@@ -214,94 +336,146 @@ struct unit_context {
   std::int64_t length;
 };
 
+// Tiles whose records are requested ahead of the one being read.
+inline constexpr std::int64_t prefetch_tiles = 2;
+
+// Calls visit(page, slot, t, n) for the tiles of selected tokens [first, last) of sequence s:
+// runs of at most score_tile tokens t..t+n-1 in slots slot.. of one page.
+template <class Cache, class Visit>
+void for_each_tile(const Cache& cache, std::int32_t s, const sparse::token_range* ranges,
+                   std::int64_t count, std::int64_t first, std::int64_t last, Visit&& visit) {
+  for_each_span(ranges, count, first, last, [&](std::int64_t t0, std::int64_t t1) {
+    for (std::int64_t t = t0; t < t1;) {
+      const kv::token_address at = cache.locate(s, t);
+      const std::int64_t run = std::min<std::int64_t>(t1 - t, cache.format.slots - at.slot);
+      for (std::int64_t j = 0; j < run; j += score_tile) {
+        visit(at.page, at.slot + static_cast<std::int32_t>(j), t + j,
+              std::min<std::int64_t>(score_tile, run - j));
+      }
+      t += run;
+    }
+  });
+}
+
 // The online softmax of one split-KV chunk: selected tokens [first, last) of the unit, into its
 // partial slot (group x (acc[v.stored_dim], max, sum)). Scores in base 2: log2(e) is folded in.
+// Tile by tile: the next tile's records are requested before this one is read (pages lie
+// anywhere: the hardware prefetchers do not follow the walk).
 template <int KStored, int VStored, class Cache, class Sparsity>
 void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_range* ranges,
                   std::int64_t count, std::int64_t first, std::int64_t last,
                   const thread_scratch& scratch, float* partial, std::int64_t partial_floats,
                   float* weights, std::int64_t weights_head_stride) {
+  using k_scheme = typename Cache::k_scheme;
+  using v_scheme = typename Cache::v_scheme;
   const auto& f = u.cache.format;
   const int k_stored = dims_or<KStored>(f.k.stored_dim());
   const int v_stored = dims_or<VStored>(f.v.stored_dim());
   const std::int64_t query = u.length - 1;
   constexpr float log2e = std::numbers::log2e_v<float>;
+  const bool scale_only = u.transform.soft_cap == 0.0f && u.transform.alibi_slopes == nullptr;
+  const float scale_log2 = u.transform.scale * log2e;
   for (std::int32_t g = 0; g < u.group; ++g) {
     float* acc = partial + g * partial_floats;
     std::memset(acc, 0, sizeof(float) * static_cast<std::size_t>(v_stored));
     acc[v_stored] = -INFINITY;
     acc[v_stored + 1] = 0.0f;
   }
+  const auto prefetch_tile = [&](const std::uint8_t* page, std::int32_t slot, std::int64_t n) {
+    const auto records = [&](auto&& at, std::int64_t bytes) {
+      if (bytes == 0) return;
+      const std::uint8_t* first_record = at(slot);
+      prefetch_records(first_record, n > 1 ? at(slot + 1) - first_record : bytes, n, bytes);
+    };
+    records([&](std::int32_t i) { return f.k_codes(page, i, u.kv_head); }, f.k.code_bytes());
+    records([&](std::int32_t i) { return f.k_params(page, i, u.kv_head); }, f.k.param_bytes());
+    records([&](std::int32_t i) { return f.v_codes(page, i, u.kv_head); }, f.v.code_bytes());
+    records([&](std::int32_t i) { return f.v_params(page, i, u.kv_head); }, f.v.param_bytes());
+  };
   const auto tile = [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
-    // The tile's records, requested at once: a head's vectors are a stride apart in nhd pages,
-    // where the hardware prefetchers do not follow.
-    for (std::int64_t j = 0; j < n; ++j) {
-      const std::int32_t at = slot + static_cast<std::int32_t>(j);
-      prefetch_record(f.k_codes(page, at, u.kv_head), f.k.code_bytes());
-      prefetch_record(f.k_params(page, at, u.kv_head), f.k.param_bytes());
-      prefetch_record(f.v_codes(page, at, u.kv_head), f.v.code_bytes());
-      prefetch_record(f.v_params(page, at, u.kv_head), f.v.param_bytes());
+    tile_records k;
+    tile_records v;
+    for (std::int64_t j = 0; j < score_tile; ++j) {
+      const auto at = slot + static_cast<std::int32_t>(std::min(j, n - 1));
+      k.codes[j] = f.k_codes(page, at, u.kv_head);
+      k.params[j] = f.k_params(page, at, u.kv_head);
+      v.codes[j] = f.v_codes(page, at, u.kv_head);
+      v.params[j] = f.v_params(page, at, u.kv_head);
     }
-    // Scores of the tile, every head of the group against each K vector; -inf past n.
-    for (std::int64_t j = 0; j < n; ++j) {
-      const std::int32_t at = slot + static_cast<std::int32_t>(j);
-      dequantize_vector<typename Cache::k_scheme, KStored>(
-          f.k, f.k_codes(page, at, u.kv_head), f.k_params(page, at, u.kv_head), scratch.k);
-      const bool seen =
-          Sparsity::visible(u.sparsity, sparse::mask_context{u.sequence, query, t + j, u.length});
-      for (std::int32_t g = 0; g < u.group; ++g) {
-        const std::int32_t q_head = u.kv_head * u.group + g;
-        const float raw = dot<KStored>(scratch.q + std::int64_t{g} * k_stored, scratch.k, k_stored);
-        const float score = seen ? u.transform(raw, q_head, query, t + j) * log2e : -INFINITY;
-        scratch.scores[g * score_tile + j] = score;
-        if (weights != nullptr) weights[g * weights_head_stride + t + j] = score;
-      }
+    // Raw scores, every head of the group against each K vector.
+    float* scores = scratch.scores;
+    for_head_runs<unpack_lanes<k_scheme>>(u.group, [&]<int Heads>(std::int32_t g) {
+      score_heads<k_scheme, KStored, Heads>(f.k, k, n, scratch.q + std::int64_t{g} * k_stored,
+                                            k_stored, scores + g * score_tile);
+    });
+    // Logits (-inf for tokens not visible, and past n) and each head's online softmax.
+    alignas(64) float visible[score_tile];
+    for (std::int64_t j = 0; j < score_tile; ++j) {
+      visible[j] = j < n && Sparsity::visible(u.sparsity, sparse::mask_context{u.sequence, query,
+                                                                               t + j, u.length})
+                       ? 1.0f
+                       : 0.0f;
     }
-    for (std::int32_t g = 0; g < u.group; ++g) {
-      for (std::int64_t j = n; j < score_tile; ++j) scratch.scores[g * score_tile + j] = -INFINITY;
-    }
-    // The tile's V vectors; a token no head weighs is zeros (its V is never read).
     bool any = false;
     float* factors = scratch.factors;
     for (std::int32_t g = 0; g < u.group; ++g) {
+      float* s = scores + g * score_tile;
+      if (scale_only) {
+        scaled_logits(s, visible, scale_log2);
+      } else {
+        const std::int32_t q_head = u.kv_head * u.group + g;
+        for (std::int64_t j = 0; j < score_tile; ++j) {
+          s[j] = visible[j] != 0.0f ? u.transform(s[j], q_head, query, t + j) * log2e : -INFINITY;
+        }
+      }
+      if (weights != nullptr) {
+        std::memcpy(weights + g * weights_head_stride + t, s,
+                    sizeof(float) * static_cast<std::size_t>(n));
+      }
       float* acc = partial + g * partial_floats;
       softmax_state<log_base::two> state{acc[v_stored], acc[v_stored + 1]};
-      factors[g] = state.merge({tile_max(scratch.scores + g * score_tile), 0.0f}).previous;
-      state.sum += tile_weights(scratch.scores + g * score_tile, state.max);
+      factors[g] = state.merge({tile_max(s), 0.0f}).previous;
+      state.sum += tile_weights(s, state.max);
       acc[v_stored] = state.max;
       acc[v_stored + 1] = state.sum;
       any = any || state.max != -INFINITY;
     }
     if (!any) return;
-    for (std::int64_t j = 0; j < n; ++j) {
-      const std::int32_t at = slot + static_cast<std::int32_t>(j);
-      float* v = scratch.v + j * v_stored;
-      bool needed = false;
-      for (std::int32_t g = 0; g < u.group; ++g)
-        needed |= scratch.scores[g * score_tile + j] != 0.0f;
-      if (needed) {
-        dequantize_vector<typename Cache::v_scheme, VStored>(f.v, f.v_codes(page, at, u.kv_head),
-                                                             f.v_params(page, at, u.kv_head), v);
-      } else {
-        std::memset(v, 0, sizeof(float) * static_cast<std::size_t>(v_stored));
-      }
+    // The weighted V vectors; a token no head weighs is skipped (its V is never read).
+    std::int32_t needed[score_tile];
+    int needed_count = 0;
+    for (std::int32_t j = 0; j < n; ++j) {
+      bool weighed = false;
+      for (std::int32_t g = 0; g < u.group; ++g) weighed |= scores[g * score_tile + j] != 0.0f;
+      if (weighed) needed[needed_count++] = j;
     }
-    for (std::int32_t g = 0; g < u.group; ++g) {
-      accumulate_tile<VStored>(partial + g * partial_floats, factors[g],
-                               scratch.scores + g * score_tile, scratch.v, n, v_stored);
-    }
+    for_head_runs<4>(u.group, [&]<int Heads>(std::int32_t g) {
+      accumulate_heads<v_scheme, VStored, Heads>(f.v, v, needed, needed_count,
+                                                 scores + g * score_tile, factors + g,
+                                                 partial + g * partial_floats, partial_floats);
+    });
   };
-  for_each_span(ranges, count, first, last, [&](std::int64_t t0, std::int64_t t1) {
-    for (std::int64_t t = t0; t < t1;) {
-      const kv::token_address at = u.cache.locate(u.sequence, t);
-      const std::int64_t run = std::min<std::int64_t>(t1 - t, f.slots - at.slot);
-      for (std::int64_t j = 0; j < run; j += score_tile) {
-        tile(at.page, at.slot + static_cast<std::int32_t>(j), t + j,
-             std::min<std::int64_t>(score_tile, run - j));
-      }
-      t += run;
-    }
-  });
+  // Each tile is requested prefetch_tiles tiles before it is read.
+  struct tile_place {
+    std::uint8_t* page;
+    std::int32_t slot;
+    std::int64_t t;
+    std::int64_t n;
+  };
+  tile_place pending[prefetch_tiles];
+  std::int64_t requested = 0;
+  const auto read = [&](const tile_place& p) { tile(p.page, p.slot, p.t, p.n); };
+  for_each_tile(u.cache, u.sequence, ranges, count, first, last,
+                [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
+                  prefetch_tile(page, slot, n);
+                  tile_place& place = pending[requested % prefetch_tiles];
+                  if (requested >= prefetch_tiles) read(place);
+                  place = {page, slot, t, n};
+                  ++requested;
+                });
+  for (std::int64_t i = std::max<std::int64_t>(0, requested - prefetch_tiles); i < requested; ++i) {
+    read(pending[i % prefetch_tiles]);
+  }
 }
 
 }  // namespace detail
@@ -336,9 +510,7 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
     detail::thread_scratch s{};
     s.q = base;
     s.scores = s.q + std::int64_t{group} * k_stored;
-    s.k = s.scores + std::int64_t{group} * score_tile;
-    s.v = s.k + k_stored;
-    s.factors = s.v + score_tile * f.v.stored_dim();
+    s.factors = s.scores + std::int64_t{group} * score_tile;
     s.select = s.factors + kv::round_up(group, 16);
     s.select_floats = plan.select_scratch_floats;
     return s;
