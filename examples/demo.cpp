@@ -25,6 +25,7 @@
 #include <infuse/sparse/sparse.hpp>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "llama/gguf.hpp"
@@ -482,6 +483,22 @@ llama::checkpoint load_checkpoint(const std::string& path) {
                                             : llama::load_llama2c(path);
 }
 
+// A checkpoint with what a run needs of it: float weights, its tokenizer, --prompt encoded.
+struct prompted_checkpoint {
+  llama::float_weights weights;
+  llama::tokenizer tokenizer;
+  std::vector<std::int32_t> prompt;
+};
+
+prompted_checkpoint load_prompted(const options& o) {
+  llama::checkpoint file = load_checkpoint(o.model);
+  infuse::require(file.vocab.size() > 0, "demo", "--model", o.model,
+                  "a checkpoint with its vocabulary (tokenizer.bin beside a llama2.c file)");
+  llama::tokenizer tokenizer(file.vocab);
+  const std::vector<int> ids = tokenizer.encode(o.prompt, true, false);
+  return {llama::load_weights(file), std::move(tokenizer), {ids.begin(), ids.end()}};
+}
+
 // Generates o.generate tokens after `prompt` with one configuration, printing the text; the row
 // of the table with its speeds and bytes.
 template <class Config>
@@ -518,13 +535,10 @@ row generate(const options& o, const infuse::exec::cpu& exec, const llama::float
 }
 
 int run_checkpoint(const options& o, const infuse::exec::cpu& exec) {
-  llama::checkpoint file = load_checkpoint(o.model);
-  infuse::require(file.vocab.size() > 0, "demo", "--model", o.model,
-                  "a checkpoint with its vocabulary (tokenizer.bin beside a llama2.c file)");
-  const llama::float_weights weights = llama::load_weights(file);
-  const llama::tokenizer tokenizer(file.vocab);
-  const std::vector<int> ids = tokenizer.encode(o.prompt, true, false);
-  const std::vector<std::int32_t> prompt(ids.begin(), ids.end());
+  const prompted_checkpoint loaded = load_prompted(o);
+  const llama::float_weights& weights = loaded.weights;
+  const llama::tokenizer& tokenizer = loaded.tokenizer;
+  const std::vector<std::int32_t>& prompt = loaded.prompt;
   const auto& c = weights.config;
   std::printf(
       "infuse demo: %s, dim %d, %d layers, %d heads (%d KV), vocab %d; prompt of %zu "
@@ -648,13 +662,10 @@ int run_speculative_passkey(const options& o, const infuse::exec::cpu& exec) {
 }
 
 int run_speculative_checkpoint(const options& o, const infuse::exec::cpu& exec) {
-  llama::checkpoint file = load_checkpoint(o.model);
-  infuse::require(file.vocab.size() > 0, "demo", "--model", o.model,
-                  "a checkpoint with its vocabulary (tokenizer.bin beside a llama2.c file)");
-  const llama::float_weights weights = llama::load_weights(file);
-  const llama::tokenizer tokenizer(file.vocab);
-  const std::vector<int> ids = tokenizer.encode(o.prompt, true, false);
-  const std::vector<std::int32_t> prompt(ids.begin(), ids.end());
+  const prompted_checkpoint loaded = load_prompted(o);
+  const llama::float_weights& weights = loaded.weights;
+  const llama::tokenizer& tokenizer = loaded.tokenizer;
+  const std::vector<std::int32_t>& prompt = loaded.prompt;
   const llama::model<int2_draft> draft(weights);
   const llama::model<int8> target(weights);
   const speculative_run r = compare_speculative(o, exec, draft, target, prompt, o.generate);
