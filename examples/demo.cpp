@@ -718,8 +718,8 @@ int run_speed(const options& o, const infuse::exec::cpu& exec) {
   const double decode_seconds = seconds_since(start);
   // Bytes one decode step must read: every weight but the embedding table (one row of it), and
   // the KV cache of every layer at the mean context of the timed steps.
-  const double weights = double(m.weight_bytes()) - double(m.embedding().size()) * 4.0 +
-                         double(shape.dim) * 4.0;
+  const double weights =
+      double(m.weight_bytes()) - double(m.embedding().size()) * 4.0 + double(shape.dim) * 4.0;
   const double kv_per_token = double(s.kv_bytes_per_token());
   const double mean_context = double(prompt_tokens) + double(o.generate) / 2.0;
   const double step_bytes = weights + kv_per_token * mean_context;
@@ -727,8 +727,8 @@ int run_speed(const options& o, const infuse::exec::cpu& exec) {
   std::printf("\n%s, %d threads: prompt %lld tokens in %.2f s (%.0f tokens/s)\n", int4_speed::name,
               exec.threads(), static_cast<long long>(prompt_tokens), prefill_seconds,
               double(prompt_tokens) / prefill_seconds);
-  std::printf("decode: %d tokens, %.1f ms/token (%.2f tokens/s)\n", o.generate,
-              step_seconds * 1e3, 1.0 / step_seconds);
+  std::printf("decode: %d tokens, %.1f ms/token (%.2f tokens/s)\n", o.generate, step_seconds * 1e3,
+              1.0 / step_seconds);
   std::printf("bytes per decode step: weights %s + KV %s (%s per token x %.0f tokens)\n",
               bytes_text(weights).c_str(), bytes_text(kv_per_token * mean_context).c_str(),
               bytes_text(kv_per_token).c_str(), mean_context);
@@ -738,7 +738,8 @@ int run_speed(const options& o, const infuse::exec::cpu& exec) {
   std::printf("read bandwidth measured now: %.1f GB/s; roofline %.1f ms/token; reached %.0f%%\n",
               read_gbps, roofline_seconds * 1e3, 100.0 * roofline_seconds / step_seconds);
 #else
-  std::printf("(the roofline share needs the read-bandwidth probe of the benchmarks: build them)\n");
+  std::printf(
+      "(the roofline share needs the read-bandwidth probe of the benchmarks: build them)\n");
 #endif
   return 0;
 }
