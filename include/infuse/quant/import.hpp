@@ -79,6 +79,33 @@ inline void require_size(std::string_view call, std::string_view name, std::size
           std::to_string(expected) + " elements, " + std::string(shape));
 }
 
+// An (n, k) int4 matrix with zeroed codes, its scales widened and its zero points read from the
+// (K/G, N/8) words of qzeros: output `row` in nibble nibble_of(row) of its word, plus zero_offset.
+template <int Group, class NibbleOf>
+quantized<int_<4, Group, zero_point>> int4_shell(std::span<const std::int32_t> qzeros,
+                                                 std::span<const half> scales, std::int64_t k,
+                                                 std::int64_t n, NibbleOf&& nibble_of,
+                                                 std::uint32_t zero_offset) {
+  const std::int64_t groups = k / Group;
+  quantized<int_<4, Group, zero_point>> w;
+  w.rows = n;
+  w.cols = k;
+  w.codes.assign(static_cast<std::size_t>(storage_bytes<int_<4, Group>>(n, k)), 0);
+  w.scales.resize(static_cast<std::size_t>(n * groups));
+  w.zeros.resize(static_cast<std::size_t>(n * groups));
+  for (std::int64_t g = 0; g < groups; ++g) {
+    for (std::int64_t row = 0; row < n; ++row) {
+      const auto word =
+          static_cast<std::uint32_t>(qzeros[static_cast<std::size_t>(g * (n / 8) + row / 8)]);
+      w.scales[static_cast<std::size_t>(row * groups + g)] =
+          static_cast<float>(scales[static_cast<std::size_t>(g * n + row)]);
+      w.zeros[static_cast<std::size_t>(row * groups + g)] =
+          static_cast<std::uint8_t>((nibble(word, nibble_of(row)) + zero_offset) & 15u);
+    }
+  }
+  return w;
+}
+
 }  // namespace detail
 
 template <int Group>
@@ -114,30 +141,18 @@ imported<Group> from_gptq(std::span<const std::int32_t> qweight,
       return g_idx[static_cast<std::size_t>(a)] < g_idx[static_cast<std::size_t>(b)];
     });
   }
-  imported<Group> out;
+  imported<Group> out{
+      detail::int4_shell<Group>(
+          qzeros, scales, k, n, [](std::int64_t row) { return static_cast<int>(row % 8); },
+          zeros == gptq_zeros::minus_one ? 1u : 0u),
+      {}};
   auto& w = out.weights;
-  w.rows = n;
-  w.cols = k;
-  w.codes.assign(static_cast<std::size_t>(storage_bytes<int_<4, Group>>(n, k)), 0);
-  w.scales.resize(static_cast<std::size_t>(n * groups));
-  w.zeros.resize(static_cast<std::size_t>(n * groups));
   for (std::int64_t c = 0; c < k; ++c) {
     const std::int64_t input = order[static_cast<std::size_t>(c)];
     for (std::int64_t row = 0; row < n; ++row) {
       const auto word =
           static_cast<std::uint32_t>(qweight[static_cast<std::size_t>(input / 8 * n + row)]);
       detail::put_int4(w.codes, k, row, c, detail::nibble(word, static_cast<int>(input % 8)));
-    }
-  }
-  for (std::int64_t g = 0; g < groups; ++g) {
-    for (std::int64_t row = 0; row < n; ++row) {
-      const auto word =
-          static_cast<std::uint32_t>(qzeros[static_cast<std::size_t>(g * (n / 8) + row / 8)]);
-      const std::uint32_t stored = detail::nibble(word, static_cast<int>(row % 8));
-      const std::uint32_t zero = zeros == gptq_zeros::minus_one ? (stored + 1) & 15u : stored;
-      w.scales[static_cast<std::size_t>(row * groups + g)] =
-          static_cast<float>(scales[static_cast<std::size_t>(g * n + row)]);
-      w.zeros[static_cast<std::size_t>(row * groups + g)] = static_cast<std::uint8_t>(zero);
     }
   }
   if (!g_idx.empty()) out.input_order = std::move(order);
@@ -155,29 +170,15 @@ imported<Group> from_awq(std::span<const std::int32_t> qweight,
   detail::require_size(call, "qzeros", qzeros.size(), groups * (n / 8), "(K/G, N/8)");
   detail::require_size(call, "scales", scales.size(), groups * n, "(K/G, N)");
   // Nibble p of a word holds output 8 * (n / 8) + awq_order[p]; nibble_of is its inverse.
-  constexpr int nibble_of[8] = {0, 4, 1, 5, 2, 6, 3, 7};
-  imported<Group> out;
+  static constexpr int nibble_of[8] = {0, 4, 1, 5, 2, 6, 3, 7};
+  const auto nibble_in_word = [](std::int64_t row) { return nibble_of[row % 8]; };
+  imported<Group> out{detail::int4_shell<Group>(qzeros, scales, k, n, nibble_in_word, 0u), {}};
   auto& w = out.weights;
-  w.rows = n;
-  w.cols = k;
-  w.codes.assign(static_cast<std::size_t>(storage_bytes<int_<4, Group>>(n, k)), 0);
-  w.scales.resize(static_cast<std::size_t>(n * groups));
-  w.zeros.resize(static_cast<std::size_t>(n * groups));
   for (std::int64_t c = 0; c < k; ++c) {
     for (std::int64_t row = 0; row < n; ++row) {
       const auto word =
           static_cast<std::uint32_t>(qweight[static_cast<std::size_t>(c * (n / 8) + row / 8)]);
-      detail::put_int4(w.codes, k, row, c, detail::nibble(word, nibble_of[row % 8]));
-    }
-  }
-  for (std::int64_t g = 0; g < groups; ++g) {
-    for (std::int64_t row = 0; row < n; ++row) {
-      const auto word =
-          static_cast<std::uint32_t>(qzeros[static_cast<std::size_t>(g * (n / 8) + row / 8)]);
-      w.scales[static_cast<std::size_t>(row * groups + g)] =
-          static_cast<float>(scales[static_cast<std::size_t>(g * n + row)]);
-      w.zeros[static_cast<std::size_t>(row * groups + g)] =
-          static_cast<std::uint8_t>(detail::nibble(word, nibble_of[row % 8]));
+      detail::put_int4(w.codes, k, row, c, detail::nibble(word, nibble_in_word(row)));
     }
   }
   return out;
