@@ -88,12 +88,7 @@ inline void take_tile(const float* logits, std::int64_t first, std::int64_t coun
   auto& summary = state.summary;
   const bool top_k = state.top_k;
   const auto visit = [&](std::int32_t token, float logit) {
-    if (logit != logit) summary.nan = true;
-    if (logit > summary.max || (logit == summary.max && token < summary.argmax)) {
-      summary.max = logit;
-      summary.argmax = token;
-    }
-    ++summary.allowed;
+    summary.observe(token, logit);
     if (top_k) state.buffer.offer(token, logit);
   };
   if (mask != nullptr) {

@@ -182,6 +182,16 @@ struct row_summary {
   std::int32_t argmax = 0;
   bool nan = false;
   std::int64_t allowed = 0;
+
+  // Takes one allowed token: ties of the max go to the lower token id.
+  void observe(std::int32_t token, float logit) {
+    if (logit != logit) nan = true;
+    if (logit > max || (logit == max && token < argmax)) {
+      max = logit;
+      argmax = token;
+    }
+    ++allowed;
+  }
 };
 
 // The top-k buffer: holds every token with logit >= threshold (or >, after ties at the threshold
@@ -289,12 +299,7 @@ row_summary first_pass(const row_input& row, Buffer* buffer) {
   constexpr bool buffered = !std::is_same_v<Buffer, std::nullptr_t>;
   row_summary summary;
   const auto visit = [&](std::int32_t token, float logit) {
-    if (logit != logit) summary.nan = true;
-    if (logit > summary.max || (logit == summary.max && token < summary.argmax)) {
-      summary.max = logit;
-      summary.argmax = token;
-    }
-    ++summary.allowed;
+    summary.observe(token, logit);
     if constexpr (buffered) buffer->offer(token, logit);
   };
   if (!row.dense()) {
