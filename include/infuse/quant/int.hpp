@@ -153,7 +153,9 @@ struct int_ {
           scale > 0.0f ? detail::clamp_int(detail::round_to_int(-lo / scale), 0, int(max_code))
                        : 0);
     } else {
-      stored.scales[0] = clip * std::fmax(hi, -lo) / static_cast<float>(midpoint - 1);
+      // + 0 makes the scale of an all-zero group +0 on every backend: fmax(+0, -0) may give
+      // either zero (x86's maxss gives -0, CUDA's fmaxf +0), and the stored bits must agree.
+      stored.scales[0] = clip * (std::fmax(hi, -lo) + 0.0f) / static_cast<float>(midpoint - 1);
       stored.zero = 0;
     }
     return stored;

@@ -138,7 +138,9 @@ TEST_CASE("CUDA verify_tree decides exactly as the CPU, NaN rows flagged alike")
     }
     seeds.push_back(rng.engine()());
   }
-  p[3 * nodes * vocab + 17] = NAN;  // request 3's root row
+  // Request 3's root row at its first child's token, which every walk reads (a NaN elsewhere in
+  // the row is read only when that child is rejected).
+  p[3 * nodes * vocab + tokens[3 * nodes + 1]] = NAN;
   std::vector<std::int32_t> accepted(batch), emitted(batch * nodes), path(batch * nodes);
   std::vector<verify_status> status(batch);
   infuse::search::verify_tree(infuse::exec::cpu{},
