@@ -4,8 +4,10 @@
 // n of W_gate and row n of W_up, x read once for both). It walks the inputs in chunks of
 // 1024 (32 blocks of 32 inputs): lane l takes block l of the chunk in each of its warp's rows, so
 // one warp-wide load of each row's codes is contiguous (coalesced), and the lane issues the loads
-// of both rows (16-byte vectors where the block layout allows) before the chunk of x is staged in
-// shared memory, so they are in flight meanwhile. The lane dequantizes its blocks in registers and
+// of both rows (16-byte vectors where the block layout allows) and of their group parameters
+// before the chunk of x is staged in shared memory, so they are in flight meanwhile; for blocks
+// of 32 bytes or less (int8 and narrower) the loads of the next chunk are issued before the
+// current chunk is multiplied, so two chunks are in flight. The lane dequantizes its blocks in registers and
 // multiplies them into one accumulator per (row, batch row); a warp-shuffle reduction ends the
 // row, and the lane that stores an output applies the epilogue (bias, activation, gate, residual)
 // first. Batch 1..8 is one launch that reads W once; 9..15 run in tiles of 8 batch rows (W read
@@ -173,14 +175,39 @@ __global__ void __launch_bounds__(threads_per_block)
     for (int b = 0; b < Batch; ++b) sum[r][b] = 0.0f;
   }
 
-  for (std::int64_t chunk = 0; chunk < blocks_per_row; chunk += chunk_blocks) {
-    const std::int64_t block = chunk + lane;
+  // A chunk's loads: each row's block of codes and its group's parameters, issued together so
+  // that the parameters are not a second round trip after the codes.
+  struct chunk_loads {
     bool active[slots_per_warp];
     block_words<S> codes[slots_per_warp];
+    typename S::params params[slots_per_warp];
+  };
+  const auto load_chunk = [&](std::int64_t chunk, chunk_loads& loads) {
+    const std::int64_t block = chunk + lane;
 #pragma unroll
     for (int r = 0; r < slots_per_warp; ++r) {
-      active[r] = slot_row(r) < w.rows && block < blocks_per_row;
-      if (active[r]) codes[r].load(slot_matrix(r).block(slot_row(r), block));
+      loads.active[r] = slot_row(r) < w.rows && block < blocks_per_row;
+      if (loads.active[r]) {
+        loads.codes[r].load(slot_matrix(r).block(slot_row(r), block));
+        loads.params[r] =
+            slot_matrix(r).group_params(slot_row(r), block * quant::block_size / group_size);
+      }
+    }
+  };
+  // Small blocks (int8 and below: 32 bytes a row or less) load the next chunk while the current
+  // one is multiplied, so that two chunks' codes are in flight; wider blocks would spill the
+  // registers that the second set takes.
+  constexpr bool prefetch_next = S::block_bytes <= 32;
+  chunk_loads next{};
+  if constexpr (prefetch_next) load_chunk(0, next);
+
+  for (std::int64_t chunk = 0; chunk < blocks_per_row; chunk += chunk_blocks) {
+    chunk_loads current;
+    if constexpr (prefetch_next) {
+      current = next;
+      if (chunk + chunk_blocks < blocks_per_row) load_chunk(chunk + chunk_blocks, next);
+    } else {
+      load_chunk(chunk, current);
     }
 
     __syncthreads();  // the previous chunk's x is no longer read
@@ -199,10 +226,9 @@ __global__ void __launch_bounds__(threads_per_block)
 
 #pragma unroll
     for (int r = 0; r < slots_per_warp; ++r) {
-      if (!active[r]) continue;
-      const dequantizer<S> weight(
-          slot_matrix(r).group_params(slot_row(r), block * quant::block_size / group_size));
-      const std::uint8_t* bytes = codes[r].bytes();
+      if (!current.active[r]) continue;
+      const dequantizer<S> weight(current.params[r]);
+      const std::uint8_t* bytes = current.codes[r].bytes();
 #pragma unroll
       for (int q = 0; q < 8; ++q) {
         float4 xv[Batch];
