@@ -30,9 +30,10 @@ struct cache_view {
   using memory_space = Space;
   using format_type = page_format<typename Layout::order, KScheme, VScheme>;
 
-  std::uint8_t* pages = nullptr;  // (pool_pages, format.page_bytes()); contiguous: one run a sequence
+  // (pool_pages, format.page_bytes()); contiguous: one run a sequence.
+  std::uint8_t* pages = nullptr;
   std::int32_t pool_pages = 0;
-  format_type format{};           // format.slots: the page size (contiguous: the run's capacity)
+  format_type format{};  // format.slots: the page size (contiguous: the run's capacity)
   typename Layout::table_view table{};
   // Per-page metadata, null when not kept: (pool_pages, k.heads, k.head_dim) key minimum and
   // maximum per channel over the page's stored (dequantized) keys; (pool_pages, slots, k.heads)
@@ -40,6 +41,10 @@ struct cache_view {
   float* key_min = nullptr;
   float* key_max = nullptr;
   float* mass = nullptr;
+  // kv::per_channel keys: per sequence of the table, the full-precision keys of its last page
+  // while that page is not full, (format.slots, k.heads, k.head_dim) floats, slot after slot;
+  // null for other arrangements.
+  const float* const* windows = nullptr;
 
   INFUSE_HOST_DEVICE std::int32_t sequences() const { return table.sequences; }
   INFUSE_HOST_DEVICE std::int64_t length(std::int32_t s) const { return table.length(s); }
@@ -53,6 +58,33 @@ struct cache_view {
   }
 };
 
+// Reads back the stored key of token t (below length(s)) of sequence s, head `head`: the first
+// k.head_dim of the k.stored_dim() floats written to out are the key. A kv::per_channel page that
+// is not full is read from the sequence's window (full precision), any other from its codes.
+template <class Layout, class KScheme, class VScheme, memory_space Space>
+INFUSE_HOST_DEVICE void read_key(const cache_view<Layout, KScheme, VScheme, Space>& view,
+                                 std::int32_t s, std::int64_t t, std::int32_t head, float* out) {
+  const token_address at = view.locate(s, t);
+  if constexpr (is_per_channel<KScheme>) {
+    const std::int64_t slots = view.format.slots;
+    if (t >= view.length(s) / slots * slots) {
+      const auto& k = view.format.k;
+      const float* key = view.windows[s] + (std::int64_t{at.slot} * k.heads + head) * k.head_dim;
+      for (std::int32_t d = 0; d < k.stored_dim(); ++d) out[d] = d < k.head_dim ? key[d] : 0.0f;
+      return;
+    }
+  }
+  view.format.read_key(at.page, at.slot, head, out);
+}
+
+// Reads back the stored value of token t of sequence s, head `head` (v.stored_dim() floats).
+template <class Layout, class KScheme, class VScheme, memory_space Space>
+INFUSE_HOST_DEVICE void read_value(const cache_view<Layout, KScheme, VScheme, Space>& view,
+                                   std::int32_t s, std::int64_t t, std::int32_t head, float* out) {
+  const token_address at = view.locate(s, t);
+  view.format.read_value(at.page, at.slot, head, out);
+}
+
 // Host checks of a cache view (host memory) before a kernel reads it; throws infuse::error naming
 // the part.
 template <class Layout, class KQuant, class VQuant>
@@ -65,6 +97,10 @@ void require_cache_view(const cache_view<Layout, KQuant, VQuant>& cache, std::st
   // Unquantized float codes are read as floats, half codes as 16-bit words.
   require(reinterpret_cast<std::uintptr_t>(cache.pages) % 4 == 0, call, "cache.pages",
           static_cast<const void*>(cache.pages), "a pointer aligned to 4 bytes");
+  if constexpr (is_per_channel<KQuant>) {
+    require(cache.table.sequences == 0 || cache.windows != nullptr, call, "cache.windows",
+            cache.windows, "a window per sequence (kv::per_channel keys)");
+  }
   if constexpr (Layout::is_paged) {
     require(cache.format.slots == Layout::page_size, call, "cache.format.slots", cache.format.slots,
             "the layout's page size " + std::to_string(Layout::page_size));
@@ -85,6 +121,5 @@ void require_cache_view(const cache_view<Layout, KQuant, VQuant>& cache, std::st
     }
   }
 }
-
 
 }  // namespace infuse::kv

@@ -110,12 +110,13 @@ class page_metadata {
 namespace detail {
 
 // Folds the stored keys of slots [slot_begin, slot_end) of one page into its bounds
-// (k.heads, k.head_dim); slot_begin 0 starts the bounds afresh. Keys are dequantized a block of
-// 32 dims at a time, exactly as a kernel reads them.
+// (k.heads, k.head_dim); slot_begin 0 starts the bounds afresh. Keys are read back exactly as a
+// kernel reads them (page_format::read_key); `window`, when not null, holds the slots' keys in
+// full precision instead, (slots, k.heads, k.head_dim) floats: a kv::per_channel page not yet full.
 template <class Format>
 void fold_key_bounds(const Format& format, const std::uint8_t* page, std::int32_t slot_begin,
-                     std::int32_t slot_end, float* key_min, float* key_max) {
-  using scheme = typename decltype(Format::k)::scheme;
+                     std::int32_t slot_end, float* key_min, float* key_max,
+                     const float* window = nullptr) {
   const auto& k = format.k;
   const std::int64_t values = std::int64_t{k.heads} * k.head_dim;
   if (slot_begin == 0) {
@@ -124,21 +125,18 @@ void fold_key_bounds(const Format& format, const std::uint8_t* page, std::int32_
   }
   for (std::int32_t slot = slot_begin; slot < slot_end; ++slot) {
     for (std::int32_t head = 0; head < k.heads; ++head) {
-      const std::uint8_t* codes = format.k_codes(page, slot, head);
-      const std::uint8_t* params = format.k_params(page, slot, head);
+      float stored[1024];  // head_dim is at most 1024 (vector_format::require_valid)
+      const float* key = stored;
+      if (window != nullptr) {
+        key = window + (std::int64_t{slot} * k.heads + head) * k.head_dim;
+      } else {
+        format.read_key(page, slot, head, stored);
+      }
       float* lo = key_min + std::int64_t{head} * k.head_dim;
       float* hi = key_max + std::int64_t{head} * k.head_dim;
-      for (std::int32_t block = 0; block < k.blocks(); ++block) {
-        float key[quant::block_size];
-        quant::dequantize_block<scheme>(
-            codes + std::int64_t{block} * scheme::block_bytes,
-            k.group_params(params, block * quant::block_size / k.group_dims()), key);
-        const std::int32_t first = block * quant::block_size;
-        const std::int32_t count = std::min(quant::block_size, k.head_dim - first);
-        for (std::int32_t j = 0; j < count; ++j) {
-          lo[first + j] = std::min(lo[first + j], key[j]);
-          hi[first + j] = std::max(hi[first + j], key[j]);
-        }
+      for (std::int32_t d = 0; d < k.head_dim; ++d) {
+        lo[d] = std::min(lo[d], key[d]);
+        hi[d] = std::max(hi[d], key[d]);
       }
     }
   }
@@ -155,6 +153,10 @@ void fold_key_bounds(const Format& format, const std::uint8_t* page, std::int32_
 template <class Layout, class KScheme, class VScheme>
 void update_key_bounds(const cache_view<Layout, KScheme, VScheme, host_memory>& view,
                        std::int32_t sequence, std::int64_t begin, std::int64_t end) {
+  static_assert(!is_per_channel<KScheme>,
+                "infuse: kv::update_key_bounds folds keys a kernel wrote into their slots; "
+                "kv::per_channel keys are written by the cache's append alone; see "
+                "docs/policies.md#kivi-and-zipvl-arrangements");
   constexpr const char* call = "infuse::kv::update_key_bounds";
   require(view.key_min != nullptr && view.key_max != nullptr, call, "view.key_min", view.key_min,
           "the cache's key bounds (key_min and key_max not null)");

@@ -203,9 +203,12 @@ class cache_batch {
  public:
   using view_type = cache_view<Layout, KQuant, VQuant, host_memory>;
 
-  cache_batch(page_table<Layout::page_size> table, view_type view)
-      : table_(std::move(table)), view_(view) {
+  // windows: per sequence of the table, its full-precision keys (kv::per_channel keys), or empty.
+  cache_batch(page_table<Layout::page_size> table, view_type view,
+              std::vector<const float*> windows = {})
+      : table_(std::move(table)), windows_(std::move(windows)), view_(view) {
     view_.table = table_.view();
+    view_.windows = windows_.empty() ? nullptr : windows_.data();
   }
   cache_batch(cache_batch&&) noexcept = default;
   cache_batch& operator=(cache_batch&&) noexcept = default;
@@ -218,16 +221,20 @@ class cache_batch {
  private:
   page_table<Layout::page_size>
       table_;  // moving the vectors keeps their buffers: view_ stays valid
+  std::vector<const float*> windows_;
   view_type view_;
 };
 
 // Slots [slot_begin, slot_end) of one page; for an append, the rows of k and v from `row` on
-// fill them in order.
+// fill them in order. With kv::per_channel keys, `window` is the full-precision keys of the
+// sequence's last page, (page size, k.heads, k.head_dim) floats: slots [0, slot_begin) are there
+// before an append, and a run that leaves its page short of full writes its keys there.
 struct page_run {
   std::int32_t page;
   std::int32_t slot_begin;
   std::int32_t slot_end;
   std::int64_t row;
+  float* window = nullptr;
 };
 
 // One token's records and attention mass, moved by compaction from one slot to another.
@@ -274,8 +281,9 @@ class host_page_storage {
 
   // What cache::view(batch) returns: the table and the view over it, on the host.
   template <class Batch, class Table>
-  Batch make_batch(Table table, const typename Batch::view_type& view) const {
-    return Batch(std::move(table), view);
+  Batch make_batch(Table table, const typename Batch::view_type& view,
+                   std::vector<const float*> windows = {}) const {
+    return Batch(std::move(table), view, std::move(windows));
   }
 
   // Any CPU exec may run an append or a compaction.
@@ -306,26 +314,63 @@ class host_page_storage {
   }
 
   // Quantizes rows of k and v into the runs' slots and folds the keys into the bounds, a run per
-  // work item (one thread owns a page's bounds).
+  // work item (one thread owns a page's bounds). important: a flag per row (kv::mixed records;
+  // null: none important). kv::per_channel keys: a run that fills its page quantizes the page's
+  // keys (the window's, then the run's) per channel; the other runs, after those, copy their keys
+  // into the window (a sequence's window may be read by one run and rewritten by a later one).
   template <class Row>
   void write(const exec::cpu& exec, std::span<const page_run> runs, host_view<const Row, 3> k,
-             host_view<const Row, 3> v) {
+             host_view<const Row, 3> v, const std::uint8_t* important = nullptr) {
+    const Format& f = format_;
     exec.parallel_for(std::ssize(runs), [&](std::int64_t n) {
       const page_run& run = runs[static_cast<std::size_t>(n)];
-      std::uint8_t* page = pool_.data() + run.page * format_.page_bytes();
+      std::uint8_t* page = pool_.data() + run.page * f.page_bytes();
       for (std::int32_t slot = run.slot_begin; slot < run.slot_end; ++slot) {
         const std::int64_t r = run.row + (slot - run.slot_begin);
-        for (std::int32_t h = 0; h < format_.k.heads; ++h) {
-          encode_row(format_.k, &k(r, h, 0), format_.k_codes(page, slot, h),
-                     format_.k_params(page, slot, h));
+        const bool flagged = important != nullptr && important[r] != 0;
+        if constexpr (Format::has_flags) *f.flag(page, slot) = flagged ? 1 : 0;
+        if constexpr (!per_channel_keys) {
+          for (std::int32_t h = 0; h < f.k.heads; ++h) {
+            encode_row(f.k, &k(r, h, 0), f.k_codes(page, slot, h), f.k_params(page, slot, h),
+                       flagged);
+          }
         }
-        for (std::int32_t h = 0; h < format_.v.heads; ++h) {
-          encode_row(format_.v, &v(r, h, 0), format_.v_codes(page, slot, h),
-                     format_.v_params(page, slot, h));
+        for (std::int32_t h = 0; h < f.v.heads; ++h) {
+          encode_row(f.v, &v(r, h, 0), f.v_codes(page, slot, h), f.v_params(page, slot, h),
+                     flagged);
         }
       }
-      fold_run(run);
+      if constexpr (per_channel_keys) {
+        if (run.slot_end < f.slots) return;
+        const auto key = [&](std::int32_t slot, std::int32_t h, int d) {
+          return slot < run.slot_begin
+                     ? run.window[(std::int64_t{slot} * f.k.heads + h) * f.k.head_dim + d]
+                     : static_cast<float>(k(run.row + (slot - run.slot_begin), h, d));
+        };
+        f.k.encode_page(
+            f.slots, key,
+            [&](std::int32_t slot, std::int32_t h) { return f.k_codes(page, slot, h); },
+            page + f.k_page_params_offset());
+        // The page's earlier slots changed too: from the window's keys to their quantized ones.
+        fold_run({run.page, 0, run.slot_end, run.row});
+      } else {
+        fold_run(run);
+      }
     });
+    if constexpr (per_channel_keys) {
+      exec.parallel_for(std::ssize(runs), [&](std::int64_t n) {
+        const page_run& run = runs[static_cast<std::size_t>(n)];
+        if (run.slot_end == f.slots) return;
+        for (std::int32_t slot = run.slot_begin; slot < run.slot_end; ++slot) {
+          for (std::int32_t h = 0; h < f.k.heads; ++h) {
+            float* key = run.window + (std::int64_t{slot} * f.k.heads + h) * f.k.head_dim;
+            const Row* row = &k(run.row + (slot - run.slot_begin), h, 0);
+            for (std::int32_t d = 0; d < f.k.head_dim; ++d) key[d] = static_cast<float>(row[d]);
+          }
+        }
+        fold_run(run);
+      });
+    }
   }
 
   // Carries out the moves in order (each source is read before a later move overwrites it, as
@@ -345,6 +390,7 @@ class host_page_storage {
       region(f.k_params_offset(), f.k.heads, f.k.param_bytes());
       region(f.v_codes_offset(), f.v.heads, f.v.code_bytes());
       region(f.v_params_offset(), f.v.heads, f.v.param_bytes());
+      if constexpr (Format::has_flags) *f.flag(to, m.to.slot) = *f.flag(from, m.from.slot);
       std::memcpy(metadata_.mass(m.to.page) + std::int64_t{m.to.slot} * f.k.heads,
                   metadata_.mass(m.from.page) + std::int64_t{m.from.slot} * f.k.heads,
                   sizeof(float) * static_cast<std::size_t>(f.k.heads));
@@ -356,25 +402,36 @@ class host_page_storage {
   }
 
  private:
+  static constexpr bool per_channel_keys = is_per_channel<typename decltype(Format::k)::scheme>;
+
   template <class Order, class K, class V>
   static Order order_of(const page_format<Order, K, V>&);
 
-  // vector_format::encode of one vector of floats, or of halves read as floats.
+  // vector_format::encode of one vector of floats, or of halves read as floats; kv::mixed records
+  // take the token's flag.
   template <class Scheme, class Row>
   static void encode_row(const vector_format<Scheme>& format, const Row* x, std::uint8_t* codes,
-                         std::uint8_t* params) {
+                         std::uint8_t* params, bool important) {
+    float values[1024];  // head_dim is at most 1024 (vector_format::require_valid)
+    const float* row = values;
     if constexpr (std::is_same_v<Row, float>) {
-      format.encode(x, codes, params);
+      row = x;
     } else {
-      float values[1024];  // head_dim is at most 1024 (vector_format::require_valid)
       for (std::int32_t d = 0; d < format.head_dim; ++d) values[d] = static_cast<float>(x[d]);
-      format.encode(values, codes, params);
+    }
+    if constexpr (is_mixed<Scheme>) {
+      format.encode(row, codes, params, important);
+    } else {
+      format.encode(row, codes, params);
     }
   }
 
+  // A per_channel page short of full reads its keys from the run's window.
   void fold_run(const page_run& run) {
+    const bool windowed = per_channel_keys && run.slot_end < format_.slots;
     detail::fold_key_bounds(format_, pool_.data() + run.page * format_.page_bytes(), run.slot_begin,
-                            run.slot_end, metadata_.key_min(run.page), metadata_.key_max(run.page));
+                            run.slot_end, metadata_.key_min(run.page), metadata_.key_max(run.page),
+                            windowed ? run.window : nullptr);
   }
 
   Format format_;
@@ -417,6 +474,11 @@ class cache {
   using storage_type = typename Alloc::template storage<format_type>;
   using batch_type = typename Alloc::template batch<Layout, KQuant, VQuant>;
   static constexpr int page_size = Layout::page_size;
+  // Keys grouped per channel across a page (KIVI): each sequence keeps the keys of its last page
+  // in full precision (its window) until the page fills and is quantized.
+  static constexpr bool per_channel_keys = is_per_channel<KQuant>;
+  // A flag per token picks the high or low scheme of kv::mixed records (ZipVL).
+  static constexpr bool flagged = format_type::has_flags;
 
   // A pool of `capacity` pages, each page_size tokens of K in format k and V in format v, in the
   // memory `alloc` says.
@@ -425,7 +487,10 @@ class cache {
       : storage_(capacity, checked_format(k, v), alloc) {}
 
   sequence_id create() {
-    sequences_.emplace(next_id_, sequence{});
+    sequence seq;
+    if constexpr (per_channel_keys)
+      seq.window.assign(static_cast<std::size_t>(window_floats()), 0.0f);
+    sequences_.emplace(next_id_, std::move(seq));
     return next_id_++;
   }
 
@@ -434,6 +499,10 @@ class cache {
   // kv::update_key_bounds for them. A shared partial last page is first copied (copy on write);
   // the new slots' attention mass is zeroed.
   void append(sequence_id s, std::int64_t tokens) {
+    static_assert(!per_channel_keys,
+                  "infuse: kv::per_channel keys are quantized by the cache's batch append when a "
+                  "page fills; reserving slots for a kernel to write is for per-token keys; see "
+                  "docs/policies.md#kivi-and-zipvl-arrangements");
     const std::array<sequence_id, 1> seqs{s};
     const std::array<std::int64_t, 1> counts{tokens};
     growth_plan plan = plan_growth(seqs, counts, "infuse::kv::cache::append", true);
@@ -458,6 +527,20 @@ class cache {
               infuse::view<const half, 3, memory_space> v) {
     append_rows(exec, seqs, counts, k, v);
   }
+  // The same with kv::mixed records: important[r] (one per row of k, host memory) nonzero stores
+  // row r at the high bit-width, else at the low one (the appends above store every row low).
+  void append(const exec_type& exec, std::span<const sequence_id> seqs,
+              std::span<const std::int64_t> counts, infuse::view<const float, 3, memory_space> k,
+              infuse::view<const float, 3, memory_space> v,
+              std::span<const std::uint8_t> important) requires flagged {
+    append_rows(exec, seqs, counts, k, v, important);
+  }
+  void append(const exec_type& exec, std::span<const sequence_id> seqs,
+              std::span<const std::int64_t> counts, infuse::view<const half, 3, memory_space> k,
+              infuse::view<const half, 3, memory_space> v,
+              std::span<const std::uint8_t> important) requires flagged {
+    append_rows(exec, seqs, counts, k, v, important);
+  }
 
   // A new sequence holding the same tokens as s, sharing its pages.
   sequence_id fork(sequence_id s) {
@@ -475,8 +558,15 @@ class cache {
     require(tokens >= 0 && tokens <= seq.length, call, "tokens", tokens,
             "from 0 to the sequence's length " + std::to_string(seq.length));
     if (tokens == 0) return;
+    const std::int64_t old_length = seq.length;
     seq.length -= tokens;
     const std::int64_t keep = pages_for(seq.length);
+    if constexpr (per_channel_keys) {
+      // Truncating into a quantized page: its kept tokens go back to the window as stored.
+      if (seq.length % page_size != 0 && old_length >= keep * page_size) {
+        fill_window(seq, seq.pages[static_cast<std::size_t>(keep - 1)]);
+      }
+    }
     release_from(seq, keep);
     if (keep > 0) refresh_bounds(seq.pages.back(), keep - 1);
   }
@@ -508,6 +598,10 @@ class cache {
   // repeated sequences, kept_indptr, positions, free pages).
   void compact(const exec_type& exec, std::span<const sequence_id> seqs,
                std::span<const std::int32_t> kept_indptr, std::span<const std::int32_t> kept) {
+    static_assert(!per_channel_keys,
+                  "infuse: compaction moves token records between pages; kv::per_channel keys "
+                  "share their groups across a page's tokens; see "
+                  "docs/policies.md#kivi-and-zipvl-arrangements");
     constexpr const char* call = "infuse::kv::cache::compact";
     require(kept_indptr.size() == seqs.size() + 1, call, "kept_indptr.size()", kept_indptr.size(),
             "seqs.size() + 1 = " + std::to_string(seqs.size() + 1));
@@ -570,6 +664,75 @@ class cache {
     }
   }
 
+  // Sets the flags of tokens [begin, begin + important.size()) of sequence s (kv::mixed records,
+  // ZipVL's re-quantization after the importance of tokens is known): a token whose flag changes
+  // is read back and stored again in the other scheme, from its stored values (raised to High it
+  // keeps Low's error; lowered to Low it adds Low's). Pages s shares with another sequence and
+  // writes to are copied first (one free page each), so no other sequence changes; the key
+  // bounds of the pages written are recomputed.
+  void requantize(sequence_id s, std::int64_t begin,
+                  std::span<const std::uint8_t> important) requires flagged {
+    constexpr const char* call = "infuse::kv::cache::requantize";
+    sequence& seq = find(s, call);
+    require(begin >= 0 && begin <= seq.length, call, "begin", begin,
+            "from 0 to the sequence's length " + std::to_string(seq.length));
+    require(std::ssize(important) <= seq.length - begin, call, "important.size()", important.size(),
+            "at most the tokens from begin to the end of the sequence (" +
+                std::to_string(seq.length - begin) + ")");
+    const format_type& f = format();
+    const auto changes = [&](std::int64_t t) {
+      const token_location at = location(seq, t);
+      return f.important(storage_.pages() + at.page * f.page_bytes(), at.slot) !=
+             (important[static_cast<std::size_t>(t - begin)] != 0);
+    };
+    // The pages written: those holding a token whose flag changes.
+    std::vector<std::int64_t> written;
+    std::int64_t copies = 0;
+    for (std::int64_t t = begin; t < begin + std::ssize(important); ++t) {
+      const std::int64_t index = t / page_size;
+      if (changes(t) && (written.empty() || written.back() != index)) {
+        written.push_back(index);
+        if (ledger().ref_count(seq.pages[static_cast<std::size_t>(index)]) > 1) ++copies;
+      }
+    }
+    require(
+        copies <= ledger().free_pages(), call, "important",
+        std::to_string(copies) + " shared pages to write",
+        "changes that fit the pool: " + std::to_string(ledger().free_pages()) + " pages are free");
+    for (const std::int64_t index : written) {
+      if (ledger().ref_count(seq.pages[static_cast<std::size_t>(index)]) > 1) {
+        copy_shared_page(seq, index);
+      }
+    }
+    for (std::int64_t t = begin; t < begin + std::ssize(important); ++t) {
+      if (!changes(t)) continue;
+      const token_location at = location(seq, t);
+      std::uint8_t* page = storage_.pages() + at.page * f.page_bytes();
+      const bool raise = important[static_cast<std::size_t>(t - begin)] != 0;
+      float stored[1024];  // head_dim is at most 1024
+      if constexpr (is_mixed<KQuant>) {
+        for (std::int32_t h = 0; h < f.k.heads; ++h) {
+          f.read_key(page, at.slot, h, stored);
+          f.k.encode(stored, f.k_codes(page, at.slot, h), f.k_params(page, at.slot, h), raise);
+        }
+      }
+      if constexpr (is_mixed<VQuant>) {
+        for (std::int32_t h = 0; h < f.v.heads; ++h) {
+          f.read_value(page, at.slot, h, stored);
+          f.v.encode(stored, f.v_codes(page, at.slot, h), f.v_params(page, at.slot, h), raise);
+        }
+      }
+      *f.flag(page, at.slot) = raise ? 1 : 0;
+    }
+    if constexpr (is_mixed<KQuant>) {
+      for (const std::int64_t index : written) {
+        const auto filled = static_cast<std::int32_t>(
+            std::min<std::int64_t>(page_size, seq.length - index * page_size));
+        fold_bounds(seq.pages[static_cast<std::size_t>(index)], 0, filled);
+      }
+    }
+  }
+
   // The CSR page table of `batch`, in that order.
   [[nodiscard]] page_table<page_size> table(std::span<const sequence_id> batch) const {
     page_table<page_size> result;
@@ -594,7 +757,16 @@ class cache {
     view.key_min = storage_.key_min();
     view.key_max = storage_.key_max();
     view.mass = storage_.mass();
-    return storage_.template make_batch<batch_type>(table(batch), view);
+    if constexpr (per_channel_keys) {
+      std::vector<const float*> windows;
+      windows.reserve(batch.size());
+      for (const sequence_id s : batch) {
+        windows.push_back(find(s, "infuse::kv::cache::view").window.data());
+      }
+      return storage_.template make_batch<batch_type>(table(batch), view, std::move(windows));
+    } else {
+      return storage_.template make_batch<batch_type>(table(batch), view);
+    }
   }
 
   [[nodiscard]] bool contains(sequence_id s) const { return sequences_.contains(s); }
@@ -640,10 +812,13 @@ class cache {
   [[nodiscard]] const format_type& format() const { return storage_.format(); }
 
   // The exact memory cost: K and V records of one token (codes and group parameters of every
-  // head), a page of page_size tokens (each region padded to region_alignment), and the metadata
-  // of a page (key min and max per K channel, attention mass per slot and K head).
-  [[nodiscard]] std::int64_t bytes_per_token() const {
-    return format().k.bytes_per_token() + format().v.bytes_per_token();
+  // head) and its flag (kv::mixed), a page of page_size tokens (each region padded to
+  // region_alignment, with the K groups of kv::per_channel keys), the metadata of a page (key
+  // min and max per K channel, attention mass per slot and K head), and the full-precision window
+  // each sequence keeps with kv::per_channel keys (0 otherwise).
+  [[nodiscard]] std::int64_t bytes_per_token() const { return format().bytes_per_token(); }
+  [[nodiscard]] std::int64_t window_bytes_per_sequence() const {
+    return per_channel_keys ? std::int64_t{sizeof(float)} * window_floats() : 0;
   }
   [[nodiscard]] std::int64_t page_bytes() const { return format().page_bytes(); }
   [[nodiscard]] std::int64_t metadata_bytes_per_page() const {
@@ -663,6 +838,9 @@ class cache {
   struct sequence {
     std::int64_t length = 0;
     std::vector<std::int32_t> pages;  // (ceil(length / page_size))
+    // kv::per_channel keys: the keys of the last page's slots [0, length % page_size) in full
+    // precision, (page_size, k.heads, k.head_dim); empty otherwise.
+    std::vector<float> window;
     friend bool operator==(const sequence&, const sequence&) = default;
   };
 
@@ -692,10 +870,36 @@ class cache {
   page_ledger& ledger() { return storage_.ledger(); }
   const page_ledger& ledger() const { return storage_.ledger(); }
 
+  std::int64_t window_floats() const {
+    return std::int64_t{page_size} * format().k.heads * format().k.head_dim;
+  }
+
+  // The window of seq's page `index` when that page is its last and not full (kv::per_channel).
+  float* window_of(sequence& seq, std::int64_t index) {
+    const bool windowed =
+        per_channel_keys && index == std::ssize(seq.pages) - 1 && seq.length % page_size != 0;
+    return windowed ? seq.window.data() : nullptr;
+  }
+
+  // Reads slots [0, seq.length % page_size) of quantized page `page` back into seq's window.
+  void fill_window(sequence& seq, std::int32_t page) requires per_channel_keys {
+    const format_type& f = format();
+    const std::uint8_t* bytes = storage_.pages() + page * f.page_bytes();
+    for (std::int32_t slot = 0; slot < seq.length % page_size; ++slot) {
+      for (std::int32_t h = 0; h < f.k.heads; ++h) {
+        float key[1024];  // head_dim is at most 1024
+        f.read_key(bytes, slot, h, key);
+        std::copy(key, key + f.k.head_dim,
+                  seq.window.data() + (std::int64_t{slot} * f.k.heads + h) * f.k.head_dim);
+      }
+    }
+  }
+
   template <class Row>
   void append_rows(const exec_type& exec, std::span<const sequence_id> seqs,
                    std::span<const std::int64_t> counts, infuse::view<const Row, 3, memory_space> k,
-                   infuse::view<const Row, 3, memory_space> v) {
+                   infuse::view<const Row, 3, memory_space> v,
+                   std::span<const std::uint8_t> important = {}) {
     constexpr const char* call = "infuse::kv::cache::append";
     require(counts.size() == seqs.size(), call, "counts.size()", counts.size(),
             "seqs.size() = " + std::to_string(seqs.size()));
@@ -710,8 +914,15 @@ class cache {
                  {{plan.tokens, "sum of counts"},
                   {format.v.heads, "v.heads"},
                   {format.v.head_dim, "v.head_dim"}});
-    grow(plan, counts);  // nothing throws from here on
-    storage_.write(exec, plan.runs, k, v);
+    if constexpr (flagged) {
+      require(important.empty() || std::ssize(important) == plan.tokens, call, "important.size()",
+              important.size(), "one flag per row of k (" + std::to_string(plan.tokens) + ")");
+      grow(plan, counts);  // nothing throws from here on
+      storage_.write(exec, plan.runs, k, v, important.empty() ? nullptr : important.data());
+    } else {
+      grow(plan, counts);  // nothing throws from here on
+      storage_.write(exec, plan.runs, k, v);
+    }
   }
 
   // Whether appending to seq copies its last page first: a partial last page another sequence
@@ -834,7 +1045,8 @@ class cache {
         const auto slot = static_cast<std::int32_t>(t % page_size);
         const auto count =
             static_cast<std::int32_t>(std::min<std::int64_t>(page_size - slot, end - t));
-        plan.runs.push_back({page_of(seq, t), slot, slot + count, row});
+        plan.runs.push_back({page_of(seq, t), slot, slot + count, row,
+                             per_channel_keys ? seq.window.data() : nullptr});
         storage_.set_covered(page_of(seq, t), slot + count);
         t += count;
         row += count;
@@ -854,7 +1066,7 @@ class cache {
     seq.pages[static_cast<std::size_t>(index)] = copy;
     const auto filled = static_cast<std::int32_t>(
         std::min<std::int64_t>(page_size, seq.length - index * page_size));
-    if (storage_.covered(copy) != filled) fold_bounds(copy, 0, filled);
+    if (storage_.covered(copy) != filled) fold_bounds(copy, 0, filled, window_of(seq, index));
     refresh_bounds(shared, index);
   }
 
@@ -882,18 +1094,27 @@ class cache {
   void refresh_bounds(std::int32_t page, std::int64_t index) {
     if (ledger().ref_count(page) == 0) return;
     std::int64_t filled = 0;
-    for (const auto& [id, other] : sequences_) {
+    float* window = nullptr;  // the longest holder's, when its keys are there (kv::per_channel)
+    for (auto& [id, other] : sequences_) {
       if (std::ssize(other.pages) > index && other.pages[static_cast<std::size_t>(index)] == page) {
-        filled =
-            std::max(filled, std::min<std::int64_t>(page_size, other.length - index * page_size));
+        const std::int64_t slots =
+            std::min<std::int64_t>(page_size, other.length - index * page_size);
+        if (slots > filled) {
+          filled = slots;
+          window = window_of(other, index);
+        }
       }
     }
-    if (filled < storage_.covered(page)) fold_bounds(page, 0, static_cast<std::int32_t>(filled));
+    if (filled < storage_.covered(page)) {
+      fold_bounds(page, 0, static_cast<std::int32_t>(filled), window);
+    }
   }
 
-  // The storage's fold on one page's slots (the function update_key_bounds runs).
-  void fold_bounds(std::int32_t page, std::int32_t slot_begin, std::int32_t slot_end) {
-    const page_run run{page, slot_begin, slot_end, 0};
+  // The storage's fold on one page's slots (the function update_key_bounds runs); `window`: the
+  // page's keys when they are in a sequence's window (kv::per_channel).
+  void fold_bounds(std::int32_t page, std::int32_t slot_begin, std::int32_t slot_end,
+                   float* window = nullptr) {
+    const page_run run{page, slot_begin, slot_end, 0, window};
     storage_.fold(std::span<const page_run>(&run, 1));
     if (slot_begin == 0) storage_.set_covered(page, slot_end);
   }

@@ -225,6 +225,10 @@ struct device_pages;
 // each on the cache's stream.
 template <class Format>
 class device_page_storage {
+  static_assert(!is_per_channel<typename decltype(Format::k)::scheme> && !Format::has_flags,
+                "infuse: kv::device_pages stores per-token arrangements; kv::per_channel keys and "
+                "kv::mixed records are kept on host memory (kv::host_pages); see "
+                "docs/policies.md#kivi-and-zipvl-arrangements");
   using k_scheme = typename decltype(Format::k)::scheme;
   using v_scheme = typename decltype(Format::v)::scheme;
   static_assert(detail::device_encodable<k_scheme> && detail::device_encodable<v_scheme>,
