@@ -2,6 +2,10 @@
 // OpenBLAS sgemv (batch 1) / sgemm (batch above 1) on the fp32 matrix, in the same run. Shapes:
 // 4096x4096, 14336x4096, 4096x14336 (n x k) and 16384x16384, whose int4 weights are four times a
 // 32 MiB last-level cache; batch 1, 4, 16. Bytes counted: codes, scales and zero points, x and y.
+// int4 g128 also runs at the matrices of a TinyLlama-1.1B decode step, batch 1 (k = 2048 for all
+// but the down projection): QKV 2560x2048, the output 2048x2048, the gated gate/up pair 5632x2048
+// (gemv.gated_*: both weights in one pass), down 2048x5632 and the LM head 32000x2048.
+// Small matrices are taken in turn from enough copies that every call reads from memory.
 // smoke filter: ^gemv\.(int4_g128|anchor_openblas)/n:4096/k:4096/batch:1/
 #include <benchmark/benchmark.h>
 
@@ -35,11 +39,12 @@ using infuse::host_view;
 
 // Random codes and scales of the right sizes: the speed of a product does not depend on how the
 // codes were found, and filling 256M weights this way takes a fraction of quantizing them.
+// `copy` numbers matrices of the same shape with other codes.
 template <class S>
-const quant::quantized<S>& random_weights(std::int64_t rows, std::int64_t cols) {
-  static std::map<std::pair<std::int64_t, std::int64_t>, std::unique_ptr<quant::quantized<S>>>
+const quant::quantized<S>& random_weights(std::int64_t rows, std::int64_t cols, int copy = 0) {
+  static std::map<std::tuple<std::int64_t, std::int64_t, int>, std::unique_ptr<quant::quantized<S>>>
       cache;
-  auto& slot = cache[{rows, cols}];
+  auto& slot = cache[{rows, cols, copy}];
   if (!slot) {
     slot = std::make_unique<quant::quantized<S>>();
     auto& q = *slot;
@@ -47,7 +52,7 @@ const quant::quantized<S>& random_weights(std::int64_t rows, std::int64_t cols) 
     q.cols = cols;
     const quant::matrix<S> shape{nullptr, nullptr, nullptr, rows, cols};
     q.codes.resize(static_cast<std::size_t>(rows * shape.blocks_per_row() * S::block_bytes));
-    std::mt19937_64 engine(42);
+    std::mt19937_64 engine(42 + copy);
     for (std::size_t i = 0; i < q.codes.size(); i += 8) {
       const std::uint64_t bits = engine();
       for (std::size_t j = 0; j < 8 && i + j < q.codes.size(); ++j) {
@@ -58,6 +63,20 @@ const quant::quantized<S>& random_weights(std::int64_t rows, std::int64_t cols) 
     if constexpr (S::has_zero) q.zeros.assign(static_cast<std::size_t>(shape.group_count()), 8);
   }
   return *slot;
+}
+
+// Enough matrices of one shape that, taken in turn, each call reads its weights from memory: at
+// least 64 MiB in all, twice a 32 MiB last-level cache (a decode step streams 550 MB of weights;
+// one small matrix alone would be read from the cache).
+template <class S>
+std::vector<quant::matrix<S>> weights_from_memory(std::int64_t rows, std::int64_t cols,
+                                                  int at_least = 1) {
+  constexpr double cache_bytes = 64.0 * 1024 * 1024;
+  const double bytes = double(random_weights<S>(rows, cols).bytes());
+  const int copies = std::max(at_least, static_cast<int>(std::ceil(cache_bytes / bytes)));
+  std::vector<quant::matrix<S>> matrices;
+  for (int c = 0; c < copies; ++c) matrices.push_back(random_weights<S>(rows, cols, c).view());
+  return matrices;
 }
 
 std::vector<float> random_input(std::int64_t count) {
@@ -102,7 +121,7 @@ void gemv_quantized(benchmark::State& state) {
   const std::int64_t rows = state.range(0);
   const std::int64_t cols = state.range(1);
   const std::int64_t batch = state.range(2);
-  const auto& q = random_weights<S>(rows, cols);
+  const auto matrices = weights_from_memory<S>(rows, cols);
   const auto x = random_input(batch * cols);
   std::vector<float> y(static_cast<std::size_t>(batch * rows));
   const infuse::exec::cpu exec;
@@ -115,19 +134,52 @@ void gemv_quantized(benchmark::State& state) {
                                         : 0));
   Activations activations{};
   if constexpr (int8_x || tables) activations = {workspace.data(), std::int64_t(workspace.size())};
+  std::size_t call = 0;
   for (auto _ : state) {
-    infuse::gemv(exec, q.view(), xv, yv, {}, activations);
+    infuse::gemv(exec, matrices[call++ % matrices.size()], xv, yv, {}, activations);
     benchmark::ClobberMemory();
   }
-  const auto w = q.view();
+  const auto w = matrices[(call + matrices.size() - 1) % matrices.size()];  // the last one used
   if (!spot_check(
           rows, cols, batch, x.data(), y.data(),
           [&](std::int64_t n, std::int64_t k) { return w(n, k); }, int8_x)) {
     bench::report_error(state, "y differs from the float64 dot product");
   }
-  bench::set_bytes(state, double(q.bytes()) + 4.0 * double(batch * (rows + cols)),
-                   bench::cpu::measured_bandwidth().read_gbps);
+  bench::set_bytes(
+      state, double(random_weights<S>(rows, cols).bytes()) + 4.0 * double(batch * (rows + cols)),
+      bench::cpu::measured_bandwidth().read_gbps);
   bench::set_flops(state, 2.0 * double(rows * cols * batch));
+}
+
+// gated_gemv with silu: the gate and up weights (two matrices of rows x cols) in one pass.
+template <class S, class Activations>
+void gemv_gated(benchmark::State& state) {
+  constexpr bool int8_x = std::is_same_v<Activations, infuse::gemm::int8_activations>;
+  const std::int64_t rows = state.range(0);
+  const std::int64_t cols = state.range(1);
+  const std::int64_t batch = state.range(2);
+  const auto matrices = weights_from_memory<S>(rows, cols, 2);  // gate and up in turn
+  const auto x = random_input(batch * cols);
+  std::vector<float> y(static_cast<std::size_t>(batch * rows));
+  const infuse::exec::cpu exec;
+  std::vector<std::byte> workspace(
+      static_cast<std::size_t>(int8_x ? infuse::gemm::int8_workspace_bytes(batch, cols) : 0));
+  Activations activations{};
+  if constexpr (int8_x) activations = {workspace.data(), std::int64_t(workspace.size())};
+  std::size_t call = 0;
+  for (auto _ : state) {
+    const auto& gate = matrices[call++ % matrices.size()];
+    infuse::gated_gemv(exec, gate, matrices[call++ % matrices.size()],
+                       host_view<const float, 2>(x.data(), {batch, cols}),
+                       host_view<float, 2>(y.data(), {batch, rows}), infuse::gemm::act::silu, {},
+                       activations);
+    benchmark::ClobberMemory();
+  }
+  bench::set_bytes(
+      state,
+      2.0 * double(random_weights<S>(rows, cols).bytes()) + 4.0 * double(batch * (rows + cols)),
+      bench::cpu::measured_bandwidth().read_gbps);
+  bench::set_flops(state, 4.0 * double(rows * cols * batch));
 }
 
 #if defined(INFUSE_BENCH_HAVE_OPENBLAS)
@@ -207,6 +259,16 @@ void shapes(benchmark::internal::Benchmark* b) {
   b->UseRealTime();
 }
 
+// The products of a TinyLlama-1.1B decode step (see the top of the file), batch 1.
+void decode_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"n", "k", "batch"});
+  for (const auto& [n, k] : {std::pair{2560, 2048}, std::pair{2048, 2048}, std::pair{2048, 5632},
+                             std::pair{32000, 2048}}) {
+    b->Args({n, k, 1});
+  }
+  b->UseRealTime();
+}
+
 // gemv.SCHEME: float activations; gemv.SCHEME_xint8: x quantized to int8 per block of 32;
 // gemv.SCHEME_lut: bcq weights by lookup tables of x (LUT-GEMM).
 template <class S>
@@ -228,6 +290,15 @@ void register_scheme() {
 
 const bool registered = [] {
   register_scheme<quant::int_<4, 128>>();
+  using int4_g128 = quant::int_<4, 128>;
+  benchmark::RegisterBenchmark("gemv.int4_g128_xint8",
+                               gemv_quantized<int4_g128, infuse::gemm::int8_activations>)
+      ->Apply(decode_shapes);
+  benchmark::RegisterBenchmark("gemv.gated_int4_g128_xint8",
+                               gemv_gated<int4_g128, infuse::gemm::int8_activations>)
+      ->ArgNames({"n", "k", "batch"})
+      ->Args({5632, 2048, 1})
+      ->UseRealTime();
   register_scheme<quant::int_<4, 128, quant::zero_point>>();
   register_scheme<quant::int_<8, 128>>();
   register_scheme<quant::int_<3, 128>>();

@@ -300,27 +300,52 @@ inline void rms_norm(const exec::cpu& exec, host_view<const float, 2> x,
   });
 }
 
-// Rotates `heads` heads of head_dim values, starting at column `first_column` of every row of x,
-// by RoPE at position first_position + row: pair m = (m, m + head_dim/2) turns by
-// position * base^(-2m / head_dim). Angles in double: position * theta reaches 1e5 radians.
-inline void rope(const exec::cpu& exec, host_view<float, 2> x, std::int64_t first_column,
-                 std::int64_t heads, std::int64_t head_dim, std::int64_t first_position,
-                 double base) {
+// cos and sin of RoPE's angles for `rows` rows at positions first_position + row: pair m turns
+// by position * base^(-2m / head_dim), computed in double (position * theta reaches 1e5
+// radians). Row t of the table is head_dim / 2 cosines, then head_dim / 2 sines; every layer
+// and both Q and K rotate by the same table.
+inline void rope_angles(const exec::cpu& exec, std::int64_t rows, std::int64_t head_dim,
+                        std::int64_t first_position, double base, std::vector<float>& table) {
   const std::int64_t half = head_dim / 2;
-  exec.parallel_for(x.extent(0), [&](std::int64_t t) {
+  table.resize(static_cast<std::size_t>(rows * head_dim));
+  exec.parallel_for(rows, [&](std::int64_t t) {
     const double position = static_cast<double>(first_position + t);
+    float* row = table.data() + t * head_dim;
     for (std::int64_t m = 0; m < half; ++m) {
       const double angle = position * std::pow(base, -2.0 * double(m) / double(head_dim));
-      const float c = static_cast<float>(std::cos(angle)), s = static_cast<float>(std::sin(angle));
-      for (std::int64_t h = 0; h < heads; ++h) {
-        float& a = x(t, first_column + h * head_dim + m);
-        float& b = x(t, first_column + h * head_dim + m + half);
-        const float x0 = a, x1 = b;
-        a = x0 * c - x1 * s;
-        b = x0 * s + x1 * c;
+      row[m] = static_cast<float>(std::cos(angle));
+      row[half + m] = static_cast<float>(std::sin(angle));
+    }
+  });
+}
+
+// Rotates `heads` heads of head_dim values, starting at column `first_column` of every row of x,
+// by the angles of rope_angles' table (a row per row of x): pair m = (m, m + head_dim / 2).
+inline void rope(const exec::cpu& exec, host_view<float, 2> x, std::int64_t first_column,
+                 std::int64_t heads, std::int64_t head_dim, const std::vector<float>& table) {
+  const std::int64_t half = head_dim / 2;
+  exec.parallel_for(x.extent(0), [&](std::int64_t t) {
+    const float* cosines = table.data() + t * head_dim;
+    const float* sines = cosines + half;
+    for (std::int64_t h = 0; h < heads; ++h) {
+      float* a = &x(t, first_column + h * head_dim);
+      float* b = a + half;
+      for (std::int64_t m = 0; m < half; ++m) {
+        const float x0 = a[m], x1 = b[m];
+        a[m] = x0 * cosines[m] - x1 * sines[m];
+        b[m] = x0 * sines[m] + x1 * cosines[m];
       }
     }
   });
+}
+
+// RoPE at positions first_position + row, for one product's rows: rope_angles, then rope.
+inline void rope(const exec::cpu& exec, host_view<float, 2> x, std::int64_t first_column,
+                 std::int64_t heads, std::int64_t head_dim, std::int64_t first_position,
+                 double base) {
+  std::vector<float> table;
+  rope_angles(exec, x.extent(0), head_dim, first_position, base, table);
+  rope(exec, x, first_column, heads, head_dim, table);
 }
 
 }  // namespace detail
@@ -514,12 +539,13 @@ class session {
     exec_.parallel_for(n, [&](std::int64_t t) {
       std::copy_n(embedding.begin() + tokens[t] * dim, dim, &x(t, 0));
     });
+    detail::rope_angles(exec_, n, c.head_dim(), length_, c.rope_base, rope_table_);
     for (int l = 0; l < c.n_layers; ++l) {
       const auto& layer = model_.layers()[l];
       detail::rms_norm(exec_, x, layer.attn_norm, c.rms_eps, normed);
       gemv(exec_, layer.wqkv.view(), normed, qkv, {}, products());
-      detail::rope(exec_, qkv, 0, c.n_heads, c.head_dim(), length_, c.rope_base);
-      detail::rope(exec_, qkv, q_dim, c.n_kv_heads, c.head_dim(), length_, c.rope_base);
+      detail::rope(exec_, qkv, 0, c.n_heads, c.head_dim(), rope_table_);
+      detail::rope(exec_, qkv, q_dim, c.n_kv_heads, c.head_dim(), rope_table_);
       attend(l, qkv, attended, kind);
       gemv(exec_, layer.wo.view(), attended, x, {.residual = x.data()}, products());
       detail::rms_norm(exec_, x, layer.ffn_norm, c.rms_eps, normed);
@@ -591,6 +617,7 @@ class session {
   std::vector<kv::sequence_id> sequences_;
   std::int64_t length_ = 0;
   std::vector<float> residual_, normed_, qkv_, attended_, hidden_;  // (chunk, ...) activations
+  std::vector<float> rope_table_;                                   // (chunk, head_dim)
   std::vector<float> logits_;                                       // (vocab)
   std::vector<float> scores_;                                       // (tokens, vocab): score()
   std::vector<std::byte> workspace_;                                // decode attention's

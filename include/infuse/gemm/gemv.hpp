@@ -81,11 +81,11 @@ struct int8_activations {
   std::int64_t bytes = 0;
 };
 
-// Bytes of workspace the int8 activations of a (batch, k) x need: int8 codes, scales and group
-// sums per batch row, plus slack to align them.
+// Bytes of workspace the int8 activations of a (batch, k) x need: int8 codes, scales, sums of
+// codes and group sums per batch row, each row on a cache line, plus slack to align them.
 constexpr std::int64_t int8_workspace_bytes(std::int64_t batch, std::int64_t k) {
   const std::int64_t padded_k = (k + 127) / 128 * 128;
-  return 64 + batch * (2 * padded_k + padded_k / 8);
+  return 64 + batch * (3 * padded_k + (padded_k / 8 + 63) / 64 * 64);
 }
 
 // x as lookup tables for quant::bcq weights (LUT-GEMM): for every 8 inputs the 256 sums of +/-x_j

@@ -1,12 +1,12 @@
 // The CPU body of infuse::gemv and infuse::gated_gemv (gemm/gemv.hpp): Highway SIMD (and AVX-512
 // VNNI for int8 activations where the compiler targets it), OpenMP threads over tiles of rows.
 //
-// Each thread takes a contiguous range of row tiles. A tile is as many rows of W as fit in a
-// quarter of L2 (at least one; half that when gated, for the two weights); for each batch tile of
-// up to 8 rows of x the kernel walks the W tile once, a few rows at a time, and hands each dot
-// product to the epilogue (bias, activation or gate, residual) on its way to y. Batch 1..8 is one
-// batch tile, so W streams from memory exactly once; larger batches re-read each W tile from
-// cache, not from memory.
+// Each thread takes an even, contiguous range of rows, walked in tiles. A tile is as many rows of
+// W as fit in a quarter of L2 (at least 4; half that when gated, for the two weights); for each
+// batch tile of up to 8 rows of x the kernel walks the W tile once, a few rows at a time, and
+// hands each dot product to the epilogue (bias, activation or gate, residual) on its way to y.
+// Batch 1..8 is one batch tile, so W streams from memory exactly once; larger batches re-read
+// each W tile from cache, not from memory.
 //
 // Float activations: per block of 32 inputs the codes unpack chunk by chunk (L float lanes) into
 // dequantized weights, in registers, and multiply into one accumulator per batch row; the
@@ -234,7 +234,9 @@ struct float_rows {
 // x is quantized once per call into the workspace, per batch row: the int8 codes q (padded_k
 // bytes, zero past k), the scales of x per int32 lane of a step of the VNNI kernel (or one per
 // block in the portable layout), and per group of W the sum over its blocks of s_b * sum(q)_b,
-// which takes the zero point out of the inner loop: sum (u - z) q = sum u q - z sum q.
+// which takes the zero point out of the inner loop: sum (u - z) q = sum u q - z sum q. The VNNI
+// kernel takes the implied zero of symmetric codes out in int32 instead: each lane's sum starts
+// at -midpoint * (the sum of its q), stored per lane, so no zero term is left per row.
 //
 // AVX-512 VNNI (vpdpbusd: 64 unsigned code bytes times 64 signed x bytes into 16 int32 lanes)
 // works in steps of 4 blocks (int4, int3, int2: one or two loads of codes unpack with shifts and
@@ -274,11 +276,13 @@ constexpr int step_lane_block(int l) {
 }
 
 struct int8_x_row {
-  const std::int8_t* q;     // (padded_k)
-  const float* scales;      // (padded_k / 4): per int32 lane of a step, or per block
-  const float* group_sums;  // (groups of W per row)
+  const std::int8_t* q;           // (padded_k)
+  const float* scales;            // (padded_k / 4): per int32 lane of a step, or per block
+  const std::int32_t* lane_sums;  // (padded_k / 4): minus the sum of q per int32 lane of a step
+  const float* group_sums;        // (groups of W per row)
 };
 
+// Each batch row starts on a cache line: q, the lane scales, the lane sums, the group sums.
 struct int8_x_layout {
   std::int64_t padded_k;
   std::uint8_t* base;
@@ -288,24 +292,35 @@ struct int8_x_layout {
     address = (address + 63) / 64 * 64;
     return {(k + 127) / 128 * 128, reinterpret_cast<std::uint8_t*>(address)};
   }
-  std::int64_t row_bytes() const { return 2 * padded_k + padded_k / 8; }
+  std::int64_t row_bytes() const { return 3 * padded_k + (padded_k / 8 + 63) / 64 * 64; }
   std::int8_t* q(std::int64_t b) const {
     return reinterpret_cast<std::int8_t*>(base + b * row_bytes());
   }
   float* scales(std::int64_t b) const {
     return reinterpret_cast<float*>(base + b * row_bytes() + padded_k);
   }
-  float* group_sums(std::int64_t b) const {
-    return reinterpret_cast<float*>(base + b * row_bytes() + 2 * padded_k);
+  std::int32_t* lane_sums(std::int64_t b) const {
+    return reinterpret_cast<std::int32_t*>(base + b * row_bytes() + 2 * padded_k);
   }
-  int8_x_row row(std::int64_t b) const { return {q(b), scales(b), group_sums(b)}; }
+  float* group_sums(std::int64_t b) const {
+    return reinterpret_cast<float*>(base + b * row_bytes() + 3 * padded_k);
+  }
+  int8_x_row row(std::int64_t b) const { return {q(b), scales(b), lane_sums(b), group_sums(b)}; }
 };
 
-// Quantizes one row of x (k floats) per block of 32, in the layout of the kernel.
+// Quantizes one row of x (k floats) per block of 32, in the layout of the kernel: Highway vectors
+// find each block's largest magnitude and round x / s_b with the float operations gemm/gemv.hpp
+// documents, a block's codes go to their places in runs of 8 (consecutive in every layout).
 template <int Bits, bool Vnni>
 void quantize_activations(const float* x, std::int64_t k, std::int64_t group_size,
                           const int8_x_layout& layout, std::int64_t b) {
+  using tag = hn::CappedTag<float, 16>;
+  const tag d;
+  const hn::RebindToSigned<tag> di;
+  const hn::Rebind<std::int8_t, tag> d8;
+  constexpr int lanes = static_cast<int>(hn::MaxLanes(tag()));
   constexpr int per_step = step_blocks<Bits>;
+  constexpr int step_values = per_step * quant::block_size;
   std::int8_t* q = layout.q(b);
   float* scales = layout.scales(b);
   float* group_sums = layout.group_sums(b);
@@ -315,20 +330,26 @@ void quantize_activations(const float* x, std::int64_t k, std::int64_t group_siz
   for (std::int64_t g = 0; g < k / group_size; ++g) group_sums[g] = 0.0f;
   for (std::int64_t blk = 0; blk < blocks; ++blk) {
     const float* xb = x + blk * quant::block_size;
-    float amax = 0.0f;
-    for (int j = 0; j < quant::block_size; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float scale = amax / 127.0f;
+    auto amax = hn::Zero(d);
+    for (int c = 0; c < quant::block_size; c += lanes) {
+      amax = hn::Max(amax, hn::Abs(hn::LoadU(d, xb + c)));
+    }
+    const float scale = hn::GetLane(hn::MaxOfLanes(d, amax)) / 127.0f;
+    alignas(32) std::int8_t codes[quant::block_size];
+    auto sums = hn::Zero(di);
+    for (int c = 0; c < quant::block_size; c += lanes) {
+      auto v = scale > 0.0f ? hn::NearestInt(hn::Div(hn::LoadU(d, xb + c), hn::Set(d, scale)))
+                            : hn::Zero(di);
+      v = hn::Min(hn::Max(v, hn::Set(di, -127)), hn::Set(di, 127));
+      sums = hn::Add(sums, v);
+      hn::StoreU(hn::DemoteTo(d8, v), d8, codes + c);
+    }
     const std::int64_t step = blk / per_step;
     const int in_step = static_cast<int>(blk % per_step);
-    int sum = 0;
-    for (int j = 0; j < quant::block_size; ++j) {
-      const int v = scale > 0.0f ? static_cast<int>(std::nearbyint(xb[j] / scale)) : 0;
-      const int clamped = std::clamp(v, -127, 127);
-      sum += clamped;
-      const std::int64_t at =
-          Vnni ? step * per_step * quant::block_size + step_position<Bits>(in_step, j)
-               : blk * quant::block_size + j;
-      q[at] = static_cast<std::int8_t>(clamped);
+    for (int run = 0; run < quant::block_size; run += 8) {
+      const std::int64_t at = Vnni ? step * step_values + step_position<Bits>(in_step, run)
+                                   : blk * quant::block_size + run;
+      std::memcpy(q + at, codes + run, 8);
     }
     if constexpr (Vnni) {
       for (int l = 0; l < 16; ++l) {
@@ -337,7 +358,22 @@ void quantize_activations(const float* x, std::int64_t k, std::int64_t group_siz
     } else {
       scales[blk] = scale;
     }
-    group_sums[blk * quant::block_size / group_size] += scale * static_cast<float>(sum);
+    group_sums[blk * quant::block_size / group_size] +=
+        scale * static_cast<float>(hn::GetLane(hn::SumOfLanes(di, sums)));
+  }
+  if constexpr (Vnni) {
+    // Lane l of a step sums bytes 4l..4l+3 of each of its (one or two) vectors of 64 codes.
+    std::int32_t* lane_sums = layout.lane_sums(b);
+    for (std::int64_t t = 0; t < layout.padded_k / step_values; ++t) {
+      const std::int8_t* step_q = q + t * step_values;
+      for (int l = 0; l < 16; ++l) {
+        std::int32_t sum = 0;
+        for (int v = 0; v < step_values; v += 64) {
+          for (int i = 0; i < 4; ++i) sum += step_q[v + 4 * l + i];
+        }
+        lane_sums[t * 16 + l] = -sum;
+      }
+    }
   }
 }
 
@@ -409,21 +445,21 @@ INFUSE_FORCE_INLINE __mmask64 step_mask(int blocks) {
 }
 
 // int32 dot products of a step's codes with its x (one vector for int8, two otherwise), in
-// step_position order. Tail: only `blocks` blocks exist; the rest reads as zero.
+// step_position order, added to `sums`. Tail: only `blocks` blocks exist; the rest reads as zero.
 template <int Bits, bool Tail>
-INFUSE_FORCE_INLINE __m512i step_dot(const std::uint8_t* codes, const __m512i (&x)[2], int blocks) {
-  const __m512i zero = _mm512_setzero_si512();
+INFUSE_FORCE_INLINE __m512i step_dot(const std::uint8_t* codes, const __m512i (&x)[2], __m512i sums,
+                                     int blocks) {
   if constexpr (Bits == 8) {
     const __m512i u =
         Tail ? _mm512_maskz_loadu_epi8(step_mask<8>(blocks), codes) : _mm512_loadu_si512(codes);
-    return _mm512_dpbusd_epi32(zero, u, x[0]);
+    return _mm512_dpbusd_epi32(sums, u, x[0]);
   } else if constexpr (Bits == 4) {
     const __m512i bytes =
         Tail ? _mm512_maskz_loadu_epi8(step_mask<4>(blocks), codes) : _mm512_loadu_si512(codes);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
     const __m512i low = _mm512_and_si512(bytes, nibble);
     const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, low, x[0]), high, x[1]);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, low, x[0]), high, x[1]);
   } else {
     // The low two bits of the 4 blocks as 32 bytes, in both halves; shifted by 0 | 2 and 4 | 6.
     __m512i low_bits;
@@ -459,9 +495,17 @@ INFUSE_FORCE_INLINE __m512i step_dot(const std::uint8_t* codes, const __m512i (&
       second = _mm512_or_si512(
           second, _mm512_maskz_mov_epi8(_cvtu64_mask64(_mm_extract_epi64(high_masks, 1)), four));
     }
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, first, x[0]), second, x[1]);
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, first, x[0]), second, x[1]);
   }
 }
+
+// Steps of the VNNI kernel per group of W when every group holds whole steps (known at compile
+// time: no partial step, a loop the compiler unrolls), else 0.
+template <class S>
+inline constexpr std::int64_t fixed_group_steps =
+    S::group > 0 && S::group % (step_blocks<S::bits> * quant::block_size) == 0
+        ? S::group / (step_blocks<S::bits> * quant::block_size)
+        : 0;
 
 // Dot products of Rows rows of W with Batch rows of int8 x with vpdpbusd, a step of blocks at a
 // time. SameGroup: all blocks of every step share a group (groups of whole steps, or one group
@@ -478,6 +522,9 @@ void int8_rows_vnni(const quant::matrix<S, host_memory>& w, std::int64_t row,
   const std::int64_t group_blocks = w.group_size() / quant::block_size;
   const std::uint8_t* codes[Rows];
   INFUSE_UNROLL for (int r = 0; r < Rows; ++r) codes[r] = w.block(row + r, 0);
+  // The rows of the next pass, when there is one, are fetched into L2 step by step alongside:
+  // hardware prefetchers restart on every short row (TinyLlama's k = 2048: 1 KiB of int4 codes).
+  const std::int64_t next_pass = row + 2 * Rows <= w.rows ? Rows * blocks * S::block_bytes : 0;
   __m512 acc[Rows][Batch];
   INFUSE_UNROLL for (auto& r : acc) INFUSE_UNROLL for (auto& a : r) a = _mm512_setzero_ps();
 
@@ -485,14 +532,26 @@ void int8_rows_vnni(const quant::matrix<S, host_memory>& w, std::int64_t row,
   const auto step_dots = [&]<bool Tail>(std::int64_t t, auto&& sink) {
     const int present = Tail ? static_cast<int>(blocks - t * per_step) : per_step;
     __m512i xq[Batch][2];
+    __m512i start[Batch];
     INFUSE_UNROLL for (int b = 0; b < Batch; ++b) {
       xq[b][0] = _mm512_loadu_si512(x[b].q + t * step_values);
       xq[b][1] = per_step == 4 ? _mm512_loadu_si512(x[b].q + t * step_values + 64) : xq[b][0];
+      // Symmetric codes: each lane starts at -midpoint * (its sum of q) and so sums (u - zero) q.
+      start[b] = S::has_zero
+                     ? _mm512_setzero_si512()
+                     : _mm512_slli_epi32(_mm512_loadu_si512(x[b].lane_sums + 16 * t), bits - 1);
+    }
+    if (next_pass != 0) {
+      INFUSE_UNROLL for (int r = 0; r < Rows; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(codes[r] + next_pass + t * step_bytes),
+                     _MM_HINT_T1);
+      }
     }
     INFUSE_UNROLL for (int r = 0; r < Rows; ++r) {
       INFUSE_UNROLL for (int b = 0; b < Batch; ++b) {
         sink(t, r, b,
-             _mm512_cvtepi32_ps(step_dot<bits, Tail>(codes[r] + t * step_bytes, xq[b], present)));
+             _mm512_cvtepi32_ps(
+                 step_dot<bits, Tail>(codes[r] + t * step_bytes, xq[b], start[b], present)));
       }
     }
   };
@@ -507,16 +566,23 @@ void int8_rows_vnni(const quant::matrix<S, host_memory>& w, std::int64_t row,
   };
 
   if constexpr (SameGroup) {
+    constexpr std::int64_t fixed_steps = fixed_group_steps<S>;
     const std::int64_t group_steps = w.groups_per_row() == 1 ? steps : group_blocks / per_step;
     for (std::int64_t g = 0; g < w.groups_per_row(); ++g) {
       __m512 acc_group[Rows][Batch];
       INFUSE_UNROLL for (auto& r : acc_group) INFUSE_UNROLL for (auto& a : r) a =
           _mm512_setzero_ps();
-      each_step(g * group_steps, std::min(steps, (g + 1) * group_steps),
-                [&](std::int64_t t, int r, int b, __m512 dots) {
-                  acc_group[r][b] =
-                      _mm512_fmadd_ps(dots, _mm512_loadu_ps(x[b].scales + 16 * t), acc_group[r][b]);
-                });
+      const auto gather = [&](std::int64_t t, int r, int b, __m512 dots) {
+        acc_group[r][b] =
+            _mm512_fmadd_ps(dots, _mm512_loadu_ps(x[b].scales + 16 * t), acc_group[r][b]);
+      };
+      if constexpr (fixed_steps > 0) {
+        INFUSE_UNROLL for (std::int64_t t = g * fixed_steps; t < (g + 1) * fixed_steps; ++t) {
+          step_dots.template operator()<false>(t, gather);
+        }
+      } else {
+        each_step(g * group_steps, std::min(steps, (g + 1) * group_steps), gather);
+      }
       INFUSE_UNROLL for (int r = 0; r < Rows; ++r) {
         const __m512 scale = _mm512_set1_ps(w.group_params(row + r, g).scale);
         INFUSE_UNROLL for (int b = 0; b < Batch; ++b) {
@@ -586,6 +652,7 @@ struct int8_rows {
     static_assert(!Vnni, "the VNNI kernel needs AVX-512 VNNI, BW and VBMI");
     int8_rows_portable<S, Batch, Rows>(w, row, x, out);
 #endif
+    if constexpr (Vnni && !S::has_zero) return;  // the midpoint came out in int32
     for (int r = 0; r < Rows; ++r) {
       float zero_terms[Batch] = {};
       for (std::int64_t g = 0; g < w.groups_per_row(); ++g) {
@@ -650,25 +717,21 @@ std::int64_t tile_rows(std::int64_t cols) {
   return std::max<std::int64_t>(1, tile_bytes / row_bytes);
 }
 
-// The threads take contiguous ranges of row tiles; each tile meets every batch tile of up to 8
-// rows of x. make_kernel.template operator()<Batch>(b0) gives the kernel of batch rows
-// [b0, b0 + Batch).
+// The threads take contiguous, even ranges of rows (in passes of 4, the most the kernels take at
+// once), and walk each range in tiles; each tile meets every batch tile of up to 8 rows of x.
+// make_kernel.template operator()<Batch>(b0) gives the kernel of batch rows [b0, b0 + Batch).
 template <class S, class MakeKernel>
 void run_tiles(const exec::cpu& exec, const quant::matrix<S, host_memory>& w,
                const quant::matrix<S, host_memory>* w_up, std::int64_t batch, const epilogue& e,
                MakeKernel&& make_kernel) {
-  // Keep tiles small enough that every thread gets several, for balance, and a multiple of 4
-  // rows, the most the kernels take at once.
-  std::int64_t rows_per_tile =
-      std::min<std::int64_t>(tile_rows<S>(w.cols) / (w_up != nullptr ? 2 : 1),
-                             w.rows / (4 * std::int64_t{exec.threads()}));
-  rows_per_tile =
-      std::max<std::int64_t>(1, rows_per_tile >= 4 ? rows_per_tile / 4 * 4 : rows_per_tile);
-  const std::int64_t tiles = (w.rows + rows_per_tile - 1) / rows_per_tile;
-  exec.parallel_for_ranges(tiles, [&](int, std::int64_t tile_begin, std::int64_t tile_end) {
-    for (std::int64_t tile = tile_begin; tile < tile_end; ++tile) {
-      const std::int64_t row_begin = tile * rows_per_tile;
-      const std::int64_t row_end = std::min(w.rows, row_begin + rows_per_tile);
+  constexpr std::int64_t pass = 4;
+  const std::int64_t rows_per_tile =
+      std::max<std::int64_t>(pass, tile_rows<S>(w.cols) / (w_up != nullptr ? 2 : 1) / pass * pass);
+  const std::int64_t passes = (w.rows + pass - 1) / pass;
+  exec.parallel_for_ranges(passes, [&](int, std::int64_t pass_begin, std::int64_t pass_end) {
+    const std::int64_t end = std::min(w.rows, pass_end * pass);
+    for (std::int64_t row_begin = pass_begin * pass; row_begin < end; row_begin += rows_per_tile) {
+      const std::int64_t row_end = std::min(end, row_begin + rows_per_tile);
       for (std::int64_t b0 = 0; b0 < batch; b0 += max_batch_tile) {
         const int count = static_cast<int>(std::min<std::int64_t>(max_batch_tile, batch - b0));
         [&]<int... Batch>(std::integer_sequence<int, Batch...>) {
