@@ -606,7 +606,10 @@ void print_speculative_note(const options& o) {
   std::printf(
       "\nint8 alone: one decode step a token; speculative: the int2 draft proposes %d tokens a "
       "step, the\nint8 model verifies them in one pass (%s). acceptance: accepted draft tokens / "
-      "drafted.\nspeeds from the prompt's last token on, prefills excluded.\n",
+      "drafted.\nspeeds from the prompt's last token on, prefills excluded. draft: one draft "
+      "pass, verify: the\nint8 model's scoring and verification of a step, both in int8 decode "
+      "steps. A step with a\naccepted drafts emits a + 1 tokens for gamma * draft + verify: the "
+      "speed-up is about\n(a + 1) / (gamma * draft + verify), at most 1 / draft.\n",
       o.gamma,
       o.temperature == 0.0f ? "greedy: the same tokens as int8 alone"
                             : "sampling: distributed as int8 alone");
@@ -641,21 +644,29 @@ int run_speculative_passkey(const options& o, const infuse::exec::cpu& exec) {
       same += r.alone == r.speculated ? 1 : 0;
       alone_seconds += r.alone_seconds;
       speculated_seconds += r.speculated_seconds;
+      stats.steps += r.stats.steps;
       stats.drafted += r.stats.drafted;
       stats.accepted += r.stats.accepted;
+      stats.draft_seconds += r.stats.draft_seconds;
+      stats.target_seconds += r.stats.target_seconds;
       bar.advance(trial_cost(length), "speculative");
     }
     const auto fraction = [&](int n) { return std::to_string(n) + "/" + std::to_string(trials); };
-    char line[160];
-    std::snprintf(line, sizeof(line), "%7lld %9s %9s %6s %10.1f%% %12.1f %12.1f %8.2fx",
+    // The costs of a step in int8 decode steps: a draft pass, and the target's verification.
+    const double int8_step = alone_seconds / double(count * trials);
+    const double draft_cost = stats.draft_seconds / double(stats.drafted) / int8_step;
+    const double verify_cost = stats.target_seconds / double(stats.steps) / int8_step;
+    char line[200];
+    std::snprintf(line, sizeof(line), "%7lld %9s %9s %6s %10.1f%% %12.1f %12.1f %8.2fx %7.2f %7.2f",
                   static_cast<long long>(length), fraction(alone_correct).c_str(),
                   fraction(speculated_correct).c_str(), fraction(same).c_str(),
                   100.0 * stats.acceptance_rate(), double(count * trials) / alone_seconds,
-                  double(count * trials) / speculated_seconds, alone_seconds / speculated_seconds);
+                  double(count * trials) / speculated_seconds, alone_seconds / speculated_seconds,
+                  draft_cost, verify_cost);
     lines.emplace_back(line);
   }
-  std::printf("\n%7s %9s %9s %6s %11s %12s %12s %9s\n", "length", "acc int8", "acc spec", "same",
-              "acceptance", "int8 t/s", "spec t/s", "speed-up");
+  std::printf("\n%7s %9s %9s %6s %11s %12s %12s %9s %7s %7s\n", "length", "acc int8", "acc spec",
+              "same", "acceptance", "int8 t/s", "spec t/s", "speed-up", "draft", "verify");
   for (const std::string& line : lines) std::printf("%s\n", line.c_str());
   print_speculative_note(o);
   return 0;

@@ -1,7 +1,8 @@
 // Decode attention on the CPU: 32 query heads over 8 KV heads, head dim 128, pages of 16 tokens
 // (heads-major; one tokens-major row for comparison);
 // contexts 1k, 4k, 16k and 32k tokens; batch 1 and 16. K/V as f16, int8 (one scale per vector)
-// and int4 (one scale per 32 dims); Quest reading 1/16 of the pages at 32k. Bytes counted: the
+// and int4 (one scale per 32 dims), the integer ones also with int8 queries
+// (options::int8_query: the _q8 rows); Quest reading 1/16 of the pages at 32k. Bytes counted: the
 // K/V codes and scales of the tokens read (the query and output are negligible). Counters:
 // "roofline", the share of the read bandwidth measured in the same run, and "speedup", the time of
 // f16 dense at the same context and batch (run first) over this row's.
@@ -124,7 +125,7 @@ std::map<std::pair<std::int64_t, std::int64_t>, double>& f16_dense_seconds() {
 
 template <class Layout, class S, class Sparsity>
 void decode(benchmark::State& state, typename Sparsity::params params,
-            std::int64_t pages_read_divisor) {
+            std::int64_t pages_read_divisor, const infuse::attention::options& opt = {}) {
   const std::int64_t context = state.range(0);
   const std::int64_t batch = state.range(1);
   auto& st = shared_store<Layout, S>(context, batch);
@@ -143,7 +144,7 @@ void decode(benchmark::State& state, typename Sparsity::params params,
   const host_view<float, 3> ov(out.data(), {batch, q_heads, head_dim});
   const auto begin = std::chrono::steady_clock::now();
   for (auto _ : state) {
-    attn::decode(exec, qv, st.view, ov, params, {}, workspace);
+    attn::decode(exec, qv, st.view, ov, params, opt, workspace);
     benchmark::ClobberMemory();
   }
   const std::chrono::duration<double> elapsed = std::chrono::steady_clock::now() - begin;
@@ -177,9 +178,11 @@ void shapes(benchmark::internal::Benchmark* b) {
 }
 
 template <class Layout, class S>
-void register_dense(const std::string& name) {
-  benchmark::RegisterBenchmark(("attention." + name).c_str(), [](benchmark::State& state) {
-    decode<Layout, S, sparse::dense>(state, {}, 1);
+void register_dense(const std::string& name, bool int8_query = false) {
+  benchmark::RegisterBenchmark(("attention." + name).c_str(), [=](benchmark::State& state) {
+    infuse::attention::options opt;
+    opt.int8_query = int8_query;
+    decode<Layout, S, sparse::dense>(state, {}, 1, opt);
   })->Apply(shapes);
 }
 
@@ -187,6 +190,8 @@ const bool registered = [] {
   register_dense<hnd, quant::none<infuse::half>>("f16_dense");
   register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense");
   register_dense<hnd, quant::int_<4, 32>>("int4_dense");
+  register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense_q8", true);
+  register_dense<hnd, quant::int_<4, 32>>("int4_dense_q8", true);
   register_dense<nhd, quant::none<infuse::half>>("f16_dense_nhd");
   benchmark::RegisterBenchmark("attention.f16_quest_1of16",
                                [](benchmark::State& state) {

@@ -17,9 +17,9 @@
 //   while (...) for (std::int32_t token : pair.step(temperature, seed)) ...;
 //
 // One step, with both caches holding the L tokens before the last emitted token t:
-//   draft   takes t (and the last draft token of the step before, when every one was accepted and
-//           the draft never saw it), then proposes d_1..d_gamma, drawing each from its own
-//           distribution q_i (its argmax at temperature 0);
+//   draft   takes t (with the last draft token of the step before, in one pass, when every one
+//           was accepted and the draft never saw it), then proposes d_1..d_gamma, drawing each
+//           from its own distribution q_i (its argmax at temperature 0);
 //   target  scores t, d_1..d_gamma at once: p_1..p_{gamma+1};
 //   verify  accepts d_1..d_a (a <= gamma) and emits a + 1 tokens (lossless rule, verify.hpp);
 //   both    drop the rejected tokens from their caches (session::truncate), so they hold the
@@ -33,6 +33,7 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <span>
@@ -56,6 +57,10 @@ struct speculative_stats {
   std::int64_t drafted = 0;
   std::int64_t accepted = 0;
   std::int64_t emitted = 0;
+  // Wall time of the draft's passes (one per drafted token), and of the target's side of the
+  // steps: scoring, verification and truncation.
+  double draft_seconds = 0;
+  double target_seconds = 0;
 
   // Accepted draft tokens per proposed one.
   [[nodiscard]] double acceptance_rate() const {
@@ -120,11 +125,13 @@ class speculative {
     const int gamma = static_cast<int>(std::min<std::int64_t>(gamma_, room - 1));
     const bool greedy = temperature == 0.0f;
     const std::int64_t position = target_.length() + 1;  // of the first draft token
+    const auto drafting = std::chrono::steady_clock::now();
 
-    // Draft: the pending tokens (one or two: decode steps, cheaper than a prefill pass for so
-    // few), then gamma proposals, each fed back but the last.
-    std::span<const float> logits;
-    for (const std::int32_t token : pending_) logits = draft_.decode(token);
+    // Draft: the pending tokens in one pass (two, the last proposal and the target's token, when
+    // every proposal was accepted: one prefill costs about one decode step), then gamma
+    // proposals, each fed back but the last.
+    std::span<const float> logits =
+        pending_.size() == 1 ? draft_.decode(pending_.front()) : draft_.prefill(pending_);
     for (int i = 0; i < gamma; ++i) {
       if (greedy) {
         drafts_[std::size_t(i)] = draft_.greedy();
@@ -136,6 +143,7 @@ class speculative {
     }
 
     // Target: the last emitted token and the drafts in one pass.
+    const auto scoring = std::chrono::steady_clock::now();
     scored_.assign(1, pending_.back());
     scored_.insert(scored_.end(), drafts_.begin(), drafts_.begin() + gamma);
     const host_view<const float, 2> scores = target_.score(scored_);
@@ -157,6 +165,10 @@ class speculative {
     if (draft_missed_last) pending_.push_back(drafts_[std::size_t(gamma - 1)]);
     pending_.push_back(emitted.back());
 
+    const std::chrono::duration<double> drafted = scoring - drafting;
+    const std::chrono::duration<double> scored = std::chrono::steady_clock::now() - scoring;
+    stats_.draft_seconds += drafted.count();
+    stats_.target_seconds += scored.count();
     ++stats_.steps;
     stats_.drafted += gamma;
     stats_.accepted += accepted;

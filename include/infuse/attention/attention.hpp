@@ -14,6 +14,18 @@
 // policy selects for each (sequence, KV head). Query head h reads KV head h / (q_heads / k.heads).
 // An empty selection (a sequence of length 0) gives out = 0 and lse = -inf.
 //
+// Backends: the exec picks the body and the memory every view lives in. exec::cpu (bodies in
+// attention/cpu/) reads host views and a host kv::cache_view; exec::cuda (bodies in
+// attention/cuda/, included by <infuse/cuda.cuh>) reads device views, a device workspace and an
+// attention::device_cache (attention/prefill.hpp): the device cache_view with the same table on
+// the host, where the call checks it. The outputs then are device_lse_output and
+// device_token_weights.
+//
+// Workspace: decode_workspace_bytes(exec, q_heads, cache, sparsity) bytes for this very cache,
+// or decode_workspace_bytes(exec, q_heads, cache, sparsity, max_length) for every call on a batch
+// of as many sequences none longer than max_length (one buffer for many steps, as a CUDA graph
+// needs); the same two functions on both backends.
+//
 // Optional outputs, as trailing arguments in any order; each is compiled out when absent:
 //   lse_output{lse}            lse (batch, q_heads): the natural log-sum-exp of the scores
 //   token_weights{weights}     weights (batch, q_heads, >= longest sequence): each visited token's
@@ -35,11 +47,14 @@
 #include "infuse/attention/prefill.hpp"
 #include "infuse/core/error.hpp"
 #include "infuse/core/math.hpp"
+#include "infuse/core/memory.hpp"
 #include "infuse/core/view.hpp"
 #include "infuse/exec/cpu.hpp"
+#include "infuse/gemm/gemv.hpp"
 #include "infuse/kv/cache_view.hpp"
 #include "infuse/kv/layout.hpp"
 #include "infuse/quant/scheme.hpp"
+#include "infuse/sparse/block_sparse.hpp"
 #include "infuse/sparse/dense.hpp"
 #include "infuse/sparse/policy.hpp"
 
@@ -47,22 +62,32 @@ namespace infuse::attention {
 
 // ---- optional outputs -----------------------------------------------------------------------
 
-struct lse_output {
-  host_view<float, 2> lse;  // (batch, q_heads)
+// Each in the memory of the call's backend: lse_output and token_weights for exec::cpu,
+// device_lse_output and device_token_weights for exec::cuda.
+template <class Space>
+struct basic_lse_output {
+  view<float, 2, Space> lse;  // (batch, q_heads)
 };
-struct token_weights {
-  host_view<float, 3> weights;  // (batch, q_heads, tokens), tokens >= the longest sequence
+template <class Space>
+struct basic_token_weights {
+  view<float, 3, Space> weights;  // (batch, q_heads, tokens), tokens >= the longest sequence
 };
 struct accumulate_mass {};
+
+using lse_output = basic_lse_output<host_memory>;
+using token_weights = basic_token_weights<host_memory>;
+using device_lse_output = basic_lse_output<device_memory>;
+using device_token_weights = basic_token_weights<device_memory>;
 
 namespace detail {
 
 template <class T, class... Ts>
 inline constexpr bool has_output = (std::is_same_v<T, Ts> || ...);
 
-template <class T>
+// Whether T is an optional output of a call on memory space Space.
+template <class T, class Space>
 inline constexpr bool is_output =
-    std::is_same_v<T, lse_output> || std::is_same_v<T, token_weights> ||
+    std::is_same_v<T, basic_lse_output<Space>> || std::is_same_v<T, basic_token_weights<Space>> ||
     std::is_same_v<T, accumulate_mass>;
 
 // The one output of type T among the arguments (a default one when absent).
@@ -99,14 +124,26 @@ constexpr std::int64_t scratch_floats_per_page() {
 template <class T>
 inline constexpr bool always_false = false;
 
-// The backend's body: run(exec, q, cache, out, params, options, workspace, outputs...), arguments
-// checked. Specialized in attention/cpu/decode.hpp.
+// The backend's body: run(exec, q, cache, out, params, options, workspace, plan, outputs...),
+// arguments checked, cache what the kernels read (kernel_side), plan the backend's
+// decode_planner's. Specialized in attention/cpu/decode.hpp and attention/cuda/decode.cuh.
 template <class Exec>
 struct decode_body {
   static_assert(always_false<Exec>,
                 "infuse: could not find a decode attention body for this execution backend "
-                "(include infuse/attention/cpu/decode.hpp for exec::cpu); see "
-                "docs/policies.md#exec-backend");
+                "(include infuse/attention/cpu/decode.hpp for exec::cpu, or infuse/cuda.cuh for "
+                "exec::cuda); see docs/policies.md#exec-backend");
+};
+
+// How a backend lays out decode's workspace: plan<Layout, K, V, Sparsity>(exec, q_heads, cache,
+// sparsity, length_of, longest), sequence s taken as length_of(s) tokens long, none longer than
+// `longest`; the plan's `bytes` is the workspace size. Specialized below for exec::cpu and in
+// attention/cuda/decode.cuh for exec::cuda.
+template <class Exec>
+struct decode_planner {
+  static_assert(always_false<Exec>,
+                "infuse: could not find a decode attention body for this execution backend "
+                "(include infuse/cuda.cuh for exec::cuda); see docs/policies.md#exec-backend");
 };
 
 }  // namespace detail
@@ -177,35 +214,43 @@ struct decode_workspace_layout {
 // Scores computed at once per query head, a tile of tokens.
 inline constexpr std::int64_t score_tile = 16;
 
-template <class Layout, class KQuant, class VQuant, class Sparsity>
+// The CPU body's workspace for sequences s of length_of(s) tokens (their lengths in the cache,
+// or a bound: every size below grows with the lengths, so a bound's workspace serves the call).
+template <class Layout, class KQuant, class VQuant, class Sparsity, class LengthOf>
 decode_workspace_layout plan_decode_workspace(int threads, std::int64_t q_heads,
                                               const kv::cache_view<Layout, KQuant, VQuant>& cache,
-                                              const typename Sparsity::params& sparsity) {
+                                              const typename Sparsity::params& sparsity,
+                                              LengthOf length_of) {
   const std::int32_t kv_heads = cache.format.k.heads;
   const std::int64_t group = q_heads / kv_heads;
   const std::int64_t units = std::int64_t{cache.sequences()} * kv_heads;
   decode_workspace_layout w;
   std::int64_t max_pages = 1;
   for (std::int32_t s = 0; s < cache.sequences(); ++s) {
-    const std::int64_t length = cache.length(s);
+    const std::int64_t length = length_of(s);
     const std::int64_t pages = (length + cache.format.slots - 1) / cache.format.slots;
     max_pages = std::max(max_pages, pages);
     for (std::int32_t h = 0; h < kv_heads; ++h) {
-      const sparse::query_context q =
+      sparse::query_context q =
           decode_query_context(cache, s, h, static_cast<std::int32_t>(group), 0.0f, &s);
+      q.length = length;
+      q.query_begin = length - 1;
+      q.query_end = length;
+      q.new_begin = length;
       w.total_ranges += std::max<std::int64_t>(0, Sparsity::max_ranges(sparsity, q));
     }
     w.total_slots += kv_heads * ((length + split_tokens - 1) / split_tokens);
   }
   const auto align = [](std::int64_t n) { return kv::round_up(n, 64); };
   w.select_scratch_floats = detail::scratch_floats_per_page<Sparsity>() * max_pages;
-  // Per thread: the group's query (padded to whole blocks), a tile of scores, a dequantized K
-  // vector, a tile of dequantized V vectors, the group's rescale factors, the policy's scratch.
-  w.scratch_floats =
-      kv::round_up(group * cache.format.k.stored_dim() + group * score_tile +
-                       cache.format.k.stored_dim() + score_tile * cache.format.v.stored_dim() +
-                       kv::round_up(group, 16) + w.select_scratch_floats,
-                   16);
+  // Per thread (the CPU body's thread scratch): the group's query rows (padded to whole blocks),
+  // a tile of scores, the group's rescale factors, then the policy's scratch, which the group's
+  // int8 query rows (options::int8_query) reuse once select() is done.
+  const std::int64_t k_stored = cache.format.k.stored_dim();
+  const std::int64_t int8_query_floats = (gemm::int8_workspace_bytes(group, k_stored) + 3) / 4;
+  w.scratch_floats = kv::round_up(group * k_stored + group * score_tile + kv::round_up(group, 16) +
+                                      std::max(w.select_scratch_floats, int8_query_floats),
+                                  16);
   w.ranges_at = 0;
   w.range_offsets_at =
       align(w.ranges_at + w.total_ranges * std::int64_t{sizeof(sparse::token_range)});
@@ -221,8 +266,25 @@ decode_workspace_layout plan_decode_workspace(int threads, std::int64_t q_heads,
   return w;
 }
 
+namespace detail {
+
+template <>
+struct decode_planner<exec::cpu> {
+  template <class Layout, class KQuant, class VQuant, class Sparsity, class LengthOf>
+  static decode_workspace_layout plan(const exec::cpu& exec, std::int64_t q_heads,
+                                      const kv::cache_view<Layout, KQuant, VQuant>& cache,
+                                      const typename Sparsity::params& sparsity, LengthOf length_of,
+                                      std::int64_t /*longest*/) {
+    return plan_decode_workspace<Layout, KQuant, VQuant, Sparsity>(exec.threads(), q_heads, cache,
+                                                                   sparsity, length_of);
+  }
+};
+
+}  // namespace detail
+
 template <class Layout, class KQuant, class VQuant, class Sparsity = sparse::dense>
 struct attention {
+  static_assert((static_check_read_formats<KQuant, VQuant>(), true));
   static_assert(quant::scheme<KQuant> && quant::scheme<VQuant>,
                 "infuse: attention<Layout, KQuant, VQuant, Sparsity> takes quantization schemes "
                 "for K and V; see docs/policies.md#quantization-schemes");
@@ -237,45 +299,75 @@ struct attention {
   using sparsity_params = typename Sparsity::params;
   static constexpr std::string_view call = "infuse::attention::decode";
 
-  // Bytes of workspace decode() needs for this cache, query head count, policy and thread count.
+  // The cache a call on exec takes: a host cache_view (exec::cpu), a device_cache (exec::cuda).
+  template <class Exec>
+  using cache_for = cache_argument<Layout, KQuant, VQuant, typename Exec::memory_space>;
+  template <class Exec, class T, int Rank>
+  using view_for = view<T, Rank, typename Exec::memory_space>;
+
+  // Bytes of workspace decode() needs on exec for this cache, query head count and policy.
   template <class Exec>
   static std::int64_t decode_workspace_bytes(const Exec& exec, std::int64_t q_heads,
-                                             const cache_type& cache,
+                                             const cache_for<Exec>& cache,
                                              const sparsity_params& sparsity) {
+    check_workspace_query(q_heads, cache, sparsity);
+    const cache_type host = detail::host_side(cache);
+    return detail::decode_planner<Exec>::template plan<Layout, KQuant, VQuant, Sparsity>(
+               exec, q_heads, detail::kernel_side(cache), sparsity,
+               [&](std::int32_t s) { return host.length(s); }, detail::longest_sequence(host))
+        .bytes;
+  }
+
+  // Bytes of workspace that serve every decode() on exec over a batch of as many sequences as
+  // cache's, none longer than max_length tokens (the lengths in cache do not matter).
+  template <class Exec>
+  static std::int64_t decode_workspace_bytes(const Exec& exec, std::int64_t q_heads,
+                                             const cache_for<Exec>& cache,
+                                             const sparsity_params& sparsity,
+                                             std::int64_t max_length) {
     constexpr std::string_view size_call = "infuse::attention::decode_workspace_bytes";
-    kv::require_cache_view(cache, size_call);
-    require(q_heads >= 1 && q_heads % cache.format.k.heads == 0, size_call, "q_heads", q_heads,
-            "a positive multiple of the cache's KV heads " + std::to_string(cache.format.k.heads));
-    Sparsity::check(sparsity, size_call);
-    return plan_decode_workspace<Layout, KQuant, VQuant, Sparsity>(exec.threads(), q_heads, cache,
-                                                                   sparsity)
+    check_workspace_query(q_heads, cache, sparsity);
+    require(max_length >= 0, size_call, "max_length", max_length, "at least 0");
+    return detail::decode_planner<Exec>::template plan<Layout, KQuant, VQuant, Sparsity>(
+               exec, q_heads, detail::kernel_side(cache), sparsity,
+               [&](std::int32_t) { return max_length; }, max_length)
         .bytes;
   }
 
   template <class Exec, class... Optional>
-  static void decode(const Exec& exec, host_view<const float, 3> q, const cache_type& cache,
-                     host_view<float, 3> out, const sparsity_params& sparsity, const options& opt,
+  static void decode(const Exec& exec, view_for<Exec, const float, 3> q,
+                     const cache_for<Exec>& cache, view_for<Exec, float, 3> out,
+                     const sparsity_params& sparsity, const options& opt,
                      std::span<std::byte> workspace, Optional... outputs) {
-    static_assert((detail::is_output<Optional> && ...),
+    exec::static_check_backend<Exec>();
+    static_assert(std::is_same_v<typename Exec::memory_space, host_memory> ||
+                      !std::is_same_v<Sparsity, sparse::block_sparse>,
+                  "infuse: sparse::block_sparse decode runs on the CPU only: its max_ranges reads "
+                  "the block lists on the host, which on exec::cuda would be device memory; see "
+                  "docs/policies.md#the-cuda-bodies");
+    static_assert((detail::is_output<Optional, typename Exec::memory_space> && ...),
                   "infuse: attention::decode takes as optional outputs only lse_output, "
-                  "token_weights and accumulate_mass; see docs/policies.md#attention");
-    const decode_workspace_layout plan =
-        check(exec, q, cache, out, sparsity, opt, workspace, outputs...);
+                  "token_weights and accumulate_mass (device_lse_output and device_token_weights "
+                  "on exec::cuda: the outputs live in the memory of the backend); see "
+                  "docs/policies.md#attention");
+    const auto plan = check(exec, q, cache, out, sparsity, opt, workspace, outputs...);
     detail::decode_body<Exec>::template run<Layout, KQuant, VQuant, Sparsity>(
-        exec, q, cache, out, sparsity, opt, workspace, plan, outputs...);
+        exec, q, detail::kernel_side(cache), out, sparsity, opt, workspace, plan, outputs...);
   }
 
   // Every host check of decode, before any work; returns the workspace plan.
   template <class Exec, class... Optional>
-  static decode_workspace_layout check(const Exec& exec, host_view<const float, 3> q,
-                                       const cache_type& cache, host_view<float, 3> out,
-                                       const sparsity_params& sparsity, const options& opt,
-                                       std::span<std::byte> workspace, const Optional&... outputs) {
-    kv::require_cache_view(cache, call);
-    const auto& f = cache.format;
+  static auto check(const Exec& exec, view_for<Exec, const float, 3> q,
+                    const cache_for<Exec>& cache, view_for<Exec, float, 3> out,
+                    const sparsity_params& sparsity, const options& opt,
+                    std::span<std::byte> workspace, const Optional&... outputs) {
+    using space = typename Exec::memory_space;
+    detail::require_cache(cache, call);
+    const cache_type host = detail::host_side(cache);
+    const auto& f = host.format;
     const std::int64_t batch = q.extent(0);
-    require(batch == cache.sequences(), call, "q.extent(0)", batch,
-            "cache.sequences() = " + std::to_string(cache.sequences()) + " (the batch)");
+    require(batch == host.sequences(), call, "q.extent(0)", batch,
+            "cache.sequences() = " + std::to_string(host.sequences()) + " (the batch)");
     const std::int64_t q_heads = q.extent(1);
     require(q_heads >= 1 && q_heads % f.k.heads == 0, call, "q.extent(1)", q_heads,
             "a positive multiple of the cache's KV heads " + std::to_string(f.k.heads));
@@ -287,35 +379,33 @@ struct attention {
         {{batch, "batch"}, {q_heads, "q heads"}, {f.v.head_dim, "cache.format.v.head_dim"}});
     Sparsity::check(sparsity, call);
     if constexpr (detail::needs_key_bounds<Sparsity>()) {
-      require(cache.key_min != nullptr, call, "cache.key_min", cache.key_min,
+      require(host.key_min != nullptr, call, "cache.key_min", host.key_min,
               std::string("per-page key minima, which sparse::") + Sparsity::name + " reads");
-      require(cache.key_max != nullptr, call, "cache.key_max", cache.key_max,
+      require(host.key_max != nullptr, call, "cache.key_max", host.key_max,
               std::string("per-page key maxima, which sparse::") + Sparsity::name + " reads");
     }
     require_options(opt, call);
-    std::int64_t longest = 0;
-    for (std::int32_t s = 0; s < cache.sequences(); ++s)
-      longest = std::max(longest, cache.length(s));
-    constexpr bool weights = detail::has_output<token_weights, Optional...>;
-    if constexpr (detail::has_output<lse_output, Optional...>) {
-      require_view(detail::find_output<lse_output>(outputs...).lse, call, "lse",
+    const std::int64_t longest = detail::longest_sequence(host);
+    constexpr bool weights = detail::has_output<basic_token_weights<space>, Optional...>;
+    if constexpr (detail::has_output<basic_lse_output<space>, Optional...>) {
+      require_view(detail::find_output<basic_lse_output<space>>(outputs...).lse, call, "lse",
                    {{batch, "batch"}, {q_heads, "q heads"}});
     }
     if constexpr (weights) {
-      require_view(detail::find_output<token_weights>(outputs...).weights, call, "weights",
-                   {{batch, "batch"}, {q_heads, "q heads"}, any_extent});
-      const std::int64_t tokens = detail::find_output<token_weights>(outputs...).weights.extent(2);
-      require(tokens >= longest, call, "weights.extent(2)", tokens,
+      const auto w = detail::find_output<basic_token_weights<space>>(outputs...).weights;
+      require_view(w, call, "weights", {{batch, "batch"}, {q_heads, "q heads"}, any_extent});
+      require(w.extent(2) >= longest, call, "weights.extent(2)", w.extent(2),
               "at least the longest sequence, " + std::to_string(longest) + " tokens");
     }
     if constexpr (detail::has_output<accumulate_mass, Optional...>) {
       require(weights, call, "accumulate_mass", "without token_weights",
               "a token_weights output in the same call (the mass is summed from it)");
-      require(cache.mass != nullptr, call, "cache.mass", cache.mass,
+      require(host.mass != nullptr, call, "cache.mass", host.mass,
               "a pointer to (pool_pages, slots, k.heads) floats");
     }
-    const decode_workspace_layout plan = plan_decode_workspace<Layout, KQuant, VQuant, Sparsity>(
-        exec.threads(), q_heads, cache, sparsity);
+    const auto plan = detail::decode_planner<Exec>::template plan<Layout, KQuant, VQuant, Sparsity>(
+        exec, q_heads, detail::kernel_side(cache), sparsity,
+        [&](std::int32_t s) { return host.length(s); }, longest);
     require(static_cast<std::int64_t>(workspace.size()) >= plan.bytes, call, "workspace.size()",
             workspace.size(),
             "at least decode_workspace_bytes(...) = " + std::to_string(plan.bytes));
@@ -325,13 +415,26 @@ struct attention {
 
   // Prefill of a ragged batch of new tokens: attention::prefill in attention/prefill.hpp.
   template <class Exec>
-  static void prefill(const Exec& exec, host_view<const float, 3> q, host_view<const float, 3> k,
-                      host_view<const float, 3> v, host_view<const std::int32_t, 1> q_indptr,
-                      const cache_type& cache, host_view<float, 3> out,
-                      const sparsity_params& sparsity, const options& opt = {},
-                      host_view<float, 2> lse = {}) {
+  static void prefill(const Exec& exec, view_for<Exec, const float, 3> q,
+                      view_for<Exec, const float, 3> k, view_for<Exec, const float, 3> v,
+                      view_for<Exec, const std::int32_t, 1> q_indptr, const cache_for<Exec>& cache,
+                      view_for<Exec, float, 3> out, const sparsity_params& sparsity,
+                      const options& opt = {}, view_for<Exec, float, 2> lse = {}) {
     ::infuse::attention::prefill<Layout, KQuant, VQuant, Sparsity>(exec, q, k, v, q_indptr, cache,
                                                                    out, sparsity, opt, lse);
+  }
+
+ private:
+  // The checks both workspace queries make.
+  template <class Cache>
+  static void check_workspace_query(std::int64_t q_heads, const Cache& cache,
+                                    const sparsity_params& sparsity) {
+    constexpr std::string_view size_call = "infuse::attention::decode_workspace_bytes";
+    detail::require_cache(cache, size_call);
+    const std::int32_t kv_heads = detail::host_side(cache).format.k.heads;
+    require(q_heads >= 1 && q_heads % kv_heads == 0, size_call, "q_heads", q_heads,
+            "a positive multiple of the cache's KV heads " + std::to_string(kv_heads));
+    Sparsity::check(sparsity, size_call);
   }
 };
 

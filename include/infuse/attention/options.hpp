@@ -18,6 +18,13 @@ struct options {
   float soft_cap = 0.0f;
   // ALiBi: (q_heads) slopes, score += slope[h] * (key_position - query_position); null means none.
   const float* alibi_slopes = nullptr;
+  // Decode with integer keys (quant::int_) on a CPU with AVX-512 VNNI: round each query head to
+  // int8 once per call (one scale per block of 32 channels, amax / 127) and take q·k as integer
+  // dot products with the key codes, the key's scale and zero applied once per block. Faster; it
+  // adds the query's rounding to each score: at most scale * sum over blocks of
+  // (block scale / 2) * sum |k| over the block. Elsewhere (other keys, other backends, prefill)
+  // the query stays float.
+  bool int8_query = false;
 };
 
 // The host checks of the options, shared by every attention call.

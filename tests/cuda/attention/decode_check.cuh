@@ -1,11 +1,13 @@
-// One decode call on the device against the CPU body on the same cache and queries: the two
-// compute the same function and differ only by the order of their float sums (and the device's
-// approximate 2^x), so out agrees to a few float roundings and lse likewise; an empty selection
-// gives out 0 and lse -inf on both.
+// One public decode call (attention<...>::decode) on exec::cuda against the same call on
+// exec::cpu, on the same cache and queries: the two bodies compute the same function and differ
+// only by the order of their float sums (and the device's approximate 2^x), so out, lse and the
+// token weights agree to a few float roundings (and the attention mass, when accumulated); an
+// empty selection gives out 0 and lse -inf on both.
 #pragma once
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -20,6 +22,32 @@
 #include "support/random.hpp"
 
 namespace infuse::test {
+
+// What a decode call returns besides out: lse and the token weights (tokens: the longest
+// sequence and 3 more, which must stay 0).
+struct decode_outputs {
+  std::vector<float> out, lse, weights;
+};
+
+inline void check_same_outputs(const decode_outputs& gpu, const decode_outputs& cpu,
+                               const std::vector<std::int64_t>& lengths, std::int64_t q_heads) {
+  const auto batch = static_cast<std::int64_t>(lengths.size());
+  const auto per_sequence = [&](const std::vector<float>& all, std::int64_t s) {
+    const auto n = static_cast<std::int64_t>(all.size()) / batch;
+    return std::vector<float>(all.begin() + s * n, all.begin() + (s + 1) * n);
+  };
+  for (std::int64_t s = 0; s < batch; ++s) {
+    INFO("sequence " << s << " of length " << lengths[static_cast<std::size_t>(s)]);
+    CHECK(relative_difference(per_sequence(gpu.out, s), per_sequence(cpu.out, s)) < 1e-5);
+    CHECK(relative_difference(per_sequence(gpu.weights, s), per_sequence(cpu.weights, s)) < 1e-5);
+    for (std::int64_t h = 0; h < q_heads; ++h) {
+      const float a = gpu.lse[static_cast<std::size_t>(s * q_heads + h)];
+      const float b = cpu.lse[static_cast<std::size_t>(s * q_heads + h)];
+      INFO("q head " << h << ": lse " << a << " on the device, " << b << " on the CPU");
+      CHECK((a == b || std::fabs(a - b) < 1e-5 * (1.0 + std::fabs(b))));
+    }
+  }
+}
 
 template <class Sparsity, class Layout, class K, class V>
 void check_device_decode(seeded_rng& rng, const decode_shape& shape,
@@ -36,58 +64,55 @@ void check_device_decode(seeded_rng& rng, const decode_shape& shape,
   const auto batch = static_cast<std::int64_t>(shape.lengths.size());
   const std::int64_t q_heads = shape.q_heads;
   const std::int64_t dim = shape.dim;
-  std::int64_t longest = 0;
-  for (const auto l : shape.lengths) longest = std::max(longest, l);
+  std::int64_t tokens = 3;
+  for (const auto l : shape.lengths) tokens = std::max(tokens, l + 3);
   const std::vector<float> q = rng.normals(static_cast<std::size_t>(batch * q_heads * dim));
+  const std::size_t out_size = static_cast<std::size_t>(batch * q_heads * dim);
+  const std::size_t lse_size = static_cast<std::size_t>(batch * q_heads);
+  const std::size_t weights_size = lse_size * static_cast<std::size_t>(tokens);
 
-  // The CPU body.
-  std::vector<float> out(static_cast<std::size_t>(batch * q_heads * dim), NAN);
-  std::vector<float> lse(static_cast<std::size_t>(batch * q_heads), NAN);
+  // exec::cpu, the mass accumulated into the store's (the device has its own copy).
+  decode_outputs cpu_result{std::vector<float>(out_size, NAN), std::vector<float>(lse_size, NAN),
+                            std::vector<float>(weights_size, NAN)};
   attention::options host_opt = opt;
   if (!alibi_slopes.empty()) host_opt.alibi_slopes = alibi_slopes.data();
   const exec::cpu cpu(2);
   std::vector<std::byte> host_workspace(
       static_cast<std::size_t>(attn::decode_workspace_bytes(cpu, q_heads, cache, params)));
   attn::decode(cpu, host_view<const float, 3>(q.data(), {batch, q_heads, dim}), cache,
-               host_view<float, 3>(out.data(), {batch, q_heads, dim}), params, host_opt,
+               host_view<float, 3>(cpu_result.out.data(), {batch, q_heads, dim}), params, host_opt,
                host_workspace,
-               attention::lse_output{host_view<float, 2>(lse.data(), {batch, q_heads})});
+               attention::lse_output{host_view<float, 2>(cpu_result.lse.data(), {batch, q_heads})},
+               attention::token_weights{
+                   host_view<float, 3>(cpu_result.weights.data(), {batch, q_heads, tokens})},
+               attention::accumulate_mass{});
 
-  // The device body, its outputs poisoned with NaN first.
+  // exec::cuda, its outputs and workspace poisoned with NaN first, the workspace sized for any
+  // batch up to the longest sequence + 100.
   const exec::cuda gpu;
+  const attention::device_cache<Layout, K, V> gpu_cache{device.view, cache.table};
   const device_buffer<float> q_device = to_device(q);
   const device_buffer<float> slopes_device = to_device(alibi_slopes);
   if (!alibi_slopes.empty()) opt.alibi_slopes = slopes_device.data();
   device_buffer<float> out_device(batch * q_heads * dim);
   device_buffer<float> lse_device(batch * q_heads);
+  device_buffer<float> weights_device(batch * q_heads * tokens);
+  device_buffer<std::byte> workspace(
+      attn::decode_workspace_bytes(gpu, q_heads, gpu_cache, params, tokens + 100));
   INFUSE_CUDA_REQUIRE(cudaMemset(out_device.data(), 0xff, out_device.bytes()));
   INFUSE_CUDA_REQUIRE(cudaMemset(lse_device.data(), 0xff, lse_device.bytes()));
-  const std::int64_t bytes = attention::cuda::decode_workspace_bytes<Layout, K, V, Sparsity>(
-      gpu, q_heads, device.view, params, longest);
-  device_buffer<std::byte> workspace(bytes);
+  INFUSE_CUDA_REQUIRE(cudaMemset(weights_device.data(), 0xff, weights_device.bytes()));
   INFUSE_CUDA_REQUIRE(cudaMemset(workspace.data(), 0xff, workspace.bytes()));
-  attention::cuda::decode<Layout, K, V, Sparsity>(
-      gpu, device_view<const float, 3>(q_device.data(), {batch, q_heads, dim}), device.view,
-      out_device.as_view({batch, q_heads, dim}), params, opt,
-      std::span<std::byte>(workspace.data(), workspace.bytes()), longest,
-      lse_device.as_view({batch, q_heads}));
+  attn::decode(gpu, device_view<const float, 3>(q_device.data(), {batch, q_heads, dim}), gpu_cache,
+               out_device.as_view({batch, q_heads, dim}), params, opt,
+               std::span<std::byte>(workspace.data(), workspace.bytes()),
+               attention::device_lse_output{lse_device.as_view({batch, q_heads})},
+               attention::device_token_weights{weights_device.as_view({batch, q_heads, tokens})},
+               attention::accumulate_mass{});
   check_launch();
-  const std::vector<float> out_gpu = out_device.to_host();
-  const std::vector<float> lse_gpu = lse_device.to_host();
-
-  for (std::int64_t s = 0; s < batch; ++s) {
-    INFO("sequence " << s << " of length " << shape.lengths[s]);
-    const auto rows = static_cast<std::size_t>(q_heads * dim);
-    const std::vector<float> got(out_gpu.begin() + s * rows, out_gpu.begin() + (s + 1) * rows);
-    const std::vector<float> want(out.begin() + s * rows, out.begin() + (s + 1) * rows);
-    CHECK(relative_difference(got, want) < 1e-5);
-    for (std::int64_t h = 0; h < q_heads; ++h) {
-      const float a = lse_gpu[s * q_heads + h];
-      const float b = lse[s * q_heads + h];
-      INFO("q head " << h << ": lse " << a << " on the device, " << b << " on the CPU");
-      CHECK((a == b || std::fabs(a - b) < 1e-5 * (1.0 + std::fabs(b))));
-    }
-  }
+  check_same_outputs({out_device.to_host(), lse_device.to_host(), weights_device.to_host()},
+                     cpu_result, shape.lengths, q_heads);
+  CHECK(relative_difference(device.mass.to_host(), st.mass) < 1e-5);
 }
 
 }  // namespace infuse::test

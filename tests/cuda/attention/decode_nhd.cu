@@ -1,4 +1,4 @@
-// attention::cuda::decode against the CPU body over paged<16> nhd pages: schemes f16, int8 and
+// attention::decode on exec::cuda against exec::cpu over paged<16> nhd pages: schemes f16, int8 and
 // int4; policies dense and window; lengths 0, 1, 17 (a partial page), 300 and 4097
 // (several split-KV chunks); groups 1, 4 and 8; head dims 64, 128 and 80 (a padded stored dim).
 #include <doctest/doctest.h>

@@ -1,9 +1,9 @@
-// attention::cuda::prefill against the CPU body on the same cache: the K and V written into the
-// pool and the recomputed key bounds agree bit for bit (both encode with the formats' own
-// encode), out and lse to a few float roundings. Layouts paged<16> nhd and hnd; schemes f16,
-// int8 and int4; policies causal, dense and window; groups 1, 4 and 8; head dims 64, 128 and
-// 80; sequences with and without a cached prefix, a single new token, a page boundary, and a
-// sequence with no new token.
+// attention::prefill on exec::cuda against the same call on exec::cpu, on the same cache: the K and
+// V written into the pool and the recomputed key bounds agree bit for bit (both encode with the
+// formats' own encode), out and lse to a few float roundings. Layouts paged<16> nhd and hnd;
+// schemes f16, int8 and int4; policies causal, dense and window; groups 1, 4 and 8; head dims 64,
+// 128 and 80; sequences with and without a cached prefix, a single new token, a page boundary, and
+// a sequence with no new token.
 #include <doctest/doctest.h>
 
 #include <cstdint>
@@ -82,11 +82,12 @@ void check_device_prefill(test::seeded_rng& rng, const prefill_shape& shape,
   device_buffer<float> lse_device(rows * q_heads);
   INFUSE_CUDA_REQUIRE(cudaMemset(out_device.data(), 0xff, out_device.bytes()));  // NaN
   INFUSE_CUDA_REQUIRE(cudaMemset(lse_device.data(), 0xff, lse_device.bytes()));
-  attention::cuda::prefill<Layout, K, V, Sparsity>(
+  attention::prefill<Layout, K, V, Sparsity>(
       gpu, device_view<const float, 3>(q_device.data(), {rows, q_heads, dim}),
       device_view<const float, 3>(k_device.data(), {rows, kv_heads, dim}),
       device_view<const float, 3>(v_device.data(), {rows, kv_heads, dim}),
-      device_view<const std::int32_t, 1>(indptr_device.data(), {std::ssize(q_indptr)}), device.view,
+      device_view<const std::int32_t, 1>(indptr_device.data(), {std::ssize(q_indptr)}),
+      attention::device_cache<Layout, K, V>{device.view, st.view().table},
       out_device.as_view({rows, q_heads, dim}), params, {}, lse_device.as_view({rows, q_heads}));
   test::check_launch();
 

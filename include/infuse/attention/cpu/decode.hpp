@@ -36,6 +36,7 @@
 
 #include "infuse/attention/attention.hpp"
 #include "infuse/attention/cpu/dequantize.hpp"
+#include "infuse/attention/cpu/tile_walk.hpp"
 #include "infuse/attention/options.hpp"
 #include "infuse/core/math.hpp"
 #include "infuse/exec/cpu.hpp"
@@ -49,6 +50,19 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 namespace detail {
 
+// The walk over a unit's tiles that decode shares with the few-query prefill
+// (attention/cpu/tile_walk.hpp).
+using walk::for_each_span;
+using walk::for_each_tile;
+using walk::prefetch_records;
+using walk::sanitize_ranges;
+using walk::scaled_logits;
+using walk::sum_rows;
+using walk::tile_max;
+using walk::tile_records;
+using walk::tile_weights;
+using walk::unpack_lanes;
+
 // acc = acc * factor + weight * v over n floats, n a multiple of 32.
 template <int Stored>
 INFUSE_FORCE_INLINE void scale_add(float* acc, float factor, float weight, const float* v, int n) {
@@ -61,128 +75,90 @@ INFUSE_FORCE_INLINE void scale_add(float* acc, float factor, float weight, const
   }
 }
 
-// Asks for the cache lines of n records of `bytes` bytes, the first at `first` and each `stride`
-// bytes after the previous: one sweep when they touch (a head's records in hnd pages).
-INFUSE_FORCE_INLINE void prefetch_records(const std::uint8_t* first, std::int64_t stride,
-                                          std::int64_t n, std::int64_t bytes) {
-  if (n == 1 || stride == bytes) {
-    for (std::int64_t line = 0; line < n * bytes; line += 64) hwy::Prefetch(first + line);
-    return;
-  }
-  for (std::int64_t j = 0; j < n; ++j) {
-    for (std::int64_t line = 0; line < bytes; line += 64) hwy::Prefetch(first + j * stride + line);
-  }
-}
+// ---- int8 queries (options::int8_query) -----------------------------------------------------
+//
+// With integer keys, each head's query row is rounded to int8 once per unit by the CPU gemv's
+// int8 activations (one scale per block of 32, in its VNNI step layout, with each int32 lane's
+// sum of q), and each key's codes meet it in vpdpbusd a step of 2 (int8) or 4 (int4, int3, int2)
+// blocks at a time, unpacked as the gemv unpacks them. Each lane starts at -zero * (its sum of
+// q), so it sums (u - zero) q exactly in int32; then per lane, key scale times query scale. The
+// key is never dequantized.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 
-// The largest of a tile's score_tile scores.
-INFUSE_FORCE_INLINE float tile_max(const float* scores) {
-  const float_tag d;
-  auto m = hn::Set(d, -INFINITY);
-  for (std::int64_t j = 0; j < score_tile; j += static_cast<std::int64_t>(hn::Lanes(d))) {
-    m = hn::Max(m, hn::LoadU(d, scores + j));
-  }
-  return hn::GetLane(hn::MaxOfLanes(d, m));
-}
-
-// Replaces a tile's base-2 scores by their weights 2^(score - max) (0 for -inf, and all 0 when
-// max is -inf) and returns their sum.
-INFUSE_FORCE_INLINE float tile_weights(float* scores, float max) {
-  const float_tag d;
-  if (max == -INFINITY) {
-    for (std::int64_t j = 0; j < score_tile; ++j) scores[j] = 0.0f;
-    return 0.0f;
-  }
-  auto sum = hn::Zero(d);
-  for (std::int64_t j = 0; j < score_tile; j += static_cast<std::int64_t>(hn::Lanes(d))) {
-    const auto s = hn::LoadU(d, scores + j);
-    const auto exponent =
-        hn::Mul(hn::Sub(s, hn::Set(d, max)), hn::Set(d, std::numbers::ln2_v<float>));
-    const auto w = hn::IfThenElseZero(hn::Gt(s, hn::Set(d, -INFINITY)), hn::Exp(d, exponent));
-    hn::StoreU(w, d, scores + j);
-    sum = hn::Add(sum, w);
-  }
-  return hn::GetLane(hn::SumOfLanes(d, sum));
-}
-
-// A tile's raw dot products of one head as base-2 logits, raw * scale_log2 where visible[j] is
-// nonzero and -inf elsewhere: the score transform when it is a scale alone.
-INFUSE_FORCE_INLINE void scaled_logits(float* scores, const float* visible, float scale_log2) {
-  const float_tag d;
-  for (std::int64_t j = 0; j < score_tile; j += static_cast<std::int64_t>(hn::Lanes(d))) {
-    const auto s = hn::Mul(hn::LoadU(d, scores + j), hn::Set(d, scale_log2));
-    hn::StoreU(
-        hn::IfThenElse(hn::Gt(hn::LoadU(d, visible + j), hn::Zero(d)), s, hn::Set(d, -INFINITY)), d,
-        scores + j);
-  }
-}
-
-// Lane r of the result is the sum of the lanes of rows[r], one row per lane: each level adds
-// neighbouring lanes of two vectors and concatenates the halves, so the rows keep their order.
-template <class D, std::size_t Rows>
-INFUSE_FORCE_INLINE hn::Vec<D> sum_rows(D d, hn::Vec<D> (&rows)[Rows]) {
-  static_assert(Rows == hn::MaxLanes(D()), "sum_rows takes one row per lane");
-#if HWY_TARGET != HWY_SCALAR  // one lane there (nvcc's host pass): nothing to add, no Concat ops
-  for (std::size_t n = Rows; n > 1; n /= 2) {
-    for (std::size_t i = 0; i < n / 2; ++i) {
-      rows[i] = hn::Add(hn::ConcatEven(d, rows[2 * i + 1], rows[2 * i]),
-                        hn::ConcatOdd(d, rows[2 * i + 1], rows[2 * i]));
-    }
-  }
-#else
-  (void)d;
-#endif
-  return rows[0];
-}
-
-// Float lanes of the registers that unpack scheme S.
 template <class S>
-inline constexpr int unpack_lanes = static_cast<int>(hn::MaxLanes(gemm::cpu::float_tag<S>()));
+inline constexpr bool int8_query_keys = gemm::cpu::detail::is_int<S>;
 
-// A tile's stored vectors: records of token j of the tile (past the tile's last token, the last
-// token's, so that whole register blocks of tokens read valid memory).
-struct tile_records {
-  const std::uint8_t* codes[score_tile];
-  const std::uint8_t* params[score_tile];
-};
-
-// Raw scores q_g · k_j of Heads query rows (q_stride floats apart) against the tile's first n K
-// vectors, into raw[g * score_tile + j]. Lanes / Heads K vectors at a time: each chunk of each is
-// unpacked once in registers and multiplied by every head, one accumulator per (head, token),
-// summed across lanes all together at the end.
+// Raw scores of Heads query heads (rows g0.. of the int8 query) against the tile's first n K
+// vectors, into raw[g * score_tile + j]: the float kernel's blocks of tokens and lane sums.
 template <class S, int Stored, int Heads>
-INFUSE_FORCE_INLINE void score_heads(const kv::vector_format<S>& f, const tile_records& k,
-                                     std::int64_t n, const float* q, int q_stride, float* raw) {
-  using tag = gemm::cpu::float_tag<S>;
-  const tag d;
-  constexpr int lanes = unpack_lanes<S>;
-  constexpr int tokens = lanes / Heads;
+INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const tile_records& k,
+                                          std::int64_t n,
+                                          const gemm::cpu::detail::int8_x_layout& query, int g0,
+                                          float* raw) {
+  namespace gd = gemm::cpu::detail;
+  constexpr int bits = S::bits;
+  constexpr int per_step = gd::step_blocks<bits>;
+  constexpr int step_values = per_step * quant::block_size;
+  constexpr std::int64_t step_bytes = per_step * S::block_bytes;
+  constexpr int tokens = 16 / Heads;
   static_assert(tokens >= 1 && score_tile % tokens == 0, "whole blocks of tokens per tile");
   const int blocks = dims_or<Stored>(f.stored_dim()) / quant::block_size;
-  const int group_dims = S::group > 0 ? S::group : dims_or<Stored>(f.stored_dim());
+  const int steps = (blocks + per_step - 1) / per_step;
+  const int group_blocks = f.group_dims() / quant::block_size;
+  alignas(64) static constexpr std::int32_t lane_blocks[16] = {
+      gd::step_lane_block<bits>(0),  gd::step_lane_block<bits>(1),  gd::step_lane_block<bits>(2),
+      gd::step_lane_block<bits>(3),  gd::step_lane_block<bits>(4),  gd::step_lane_block<bits>(5),
+      gd::step_lane_block<bits>(6),  gd::step_lane_block<bits>(7),  gd::step_lane_block<bits>(8),
+      gd::step_lane_block<bits>(9),  gd::step_lane_block<bits>(10), gd::step_lane_block<bits>(11),
+      gd::step_lane_block<bits>(12), gd::step_lane_block<bits>(13), gd::step_lane_block<bits>(14),
+      gd::step_lane_block<bits>(15)};
+  const __m512i lane_block = _mm512_load_si512(lane_blocks);
+  const float_tag d;
   for (std::int64_t j0 = 0; j0 < n; j0 += tokens) {
-    hn::Vec<tag> acc[lanes];
+    hn::Vec<float_tag> acc[16];
     for (auto& a : acc) a = hn::Zero(d);
-    for (int b = 0; b < blocks; ++b) {
-      typename S::params p[tokens];
-      const std::uint8_t* block[tokens];
-      for (int t = 0; t < tokens; ++t) {
-        p[t] = f.group_params(k.params[j0 + t], b * quant::block_size / group_dims);
-        block[t] = k.codes[j0 + t] + std::int64_t{b} * S::block_bytes;
-      }
-      for (int c = 0; c < quant::block_size; c += lanes) {
-        hn::Vec<tag> key[tokens];
-        for (int t = 0; t < tokens; ++t) {
-          key[t] = gemm::cpu::detail::dequantize_chunk<S>(d, block[t], c, p[t]);
+    for (int t = 0; t < steps; ++t) {
+      const int present = std::min(per_step, blocks - t * per_step);
+      // Each token's key scale (and zero point) per lane: its block's group's.
+      __m512 key_scale[tokens];
+      __m512i key_zero[tokens];
+      for (int i = 0; i < tokens; ++i) {
+        alignas(16) float scales[4] = {};
+        alignas(16) std::int32_t zeros[4] = {};
+        for (int b = 0; b < present; ++b) {
+          const auto p = f.group_params(k.params[j0 + i], (t * per_step + b) / group_blocks);
+          scales[b] = p.scale;
+          zeros[b] = static_cast<std::int32_t>(p.zero);
         }
-        for (int g = 0; g < Heads; ++g) {
-          const auto query = hn::LoadU(d, q + g * q_stride + b * quant::block_size + c);
-          for (int t = 0; t < tokens; ++t) {
-            acc[g * tokens + t] = hn::MulAdd(query, key[t], acc[g * tokens + t]);
-          }
+        key_scale[i] =
+            _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_load_ps(scales)));
+        if constexpr (S::has_zero) {
+          key_zero[i] = _mm512_permutexvar_epi32(
+              lane_block,
+              _mm512_castsi128_si512(_mm_load_si128(reinterpret_cast<__m128i*>(zeros))));
+        }
+      }
+      for (int g = 0; g < Heads; ++g) {
+        const std::int8_t* q = query.q(g0 + g) + std::int64_t{t} * step_values;
+        const __m512i x[2] = {_mm512_loadu_si512(q),
+                              _mm512_loadu_si512(q + (per_step == 4 ? 64 : 0))};
+        const __m512 x_scale = _mm512_loadu_ps(query.scales(g0 + g) + 16 * t);
+        const __m512i minus_q_sum = _mm512_loadu_si512(query.lane_sums(g0 + g) + 16 * t);
+        const __m512i symmetric_start = _mm512_slli_epi32(minus_q_sum, bits - 1);
+        for (int i = 0; i < tokens; ++i) {
+          const std::uint8_t* codes = k.codes[j0 + i] + t * step_bytes;
+          const __m512i start =
+              S::has_zero ? _mm512_mullo_epi32(minus_q_sum, key_zero[i]) : symmetric_start;
+          const __m512i dots = present == per_step
+                                   ? gd::step_dot<bits, false>(codes, x, start, present)
+                                   : gd::step_dot<bits, true>(codes, x, start, present);
+          auto& a = acc[g * tokens + i];
+          a.raw = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), x_scale), key_scale[i],
+                                  a.raw);
         }
       }
     }
-    alignas(64) float sums[lanes];
+    alignas(64) float sums[16];
     hn::Store(sum_rows(d, acc), d, sums);
     for (int g = 0; g < Heads; ++g) {
       std::memcpy(raw + g * score_tile + j0, sums + g * tokens, sizeof(float) * tokens);
@@ -190,62 +166,7 @@ INFUSE_FORCE_INLINE void score_heads(const kv::vector_format<S>& f, const tile_r
   }
 }
 
-// acc_g = acc_g * factors[g] + sum over the tile's tokens j in needed[0, count) of
-// weights[g * score_tile + j] * v_j, for Heads heads (acc rows acc_stride floats apart): each
-// chunk of each V vector unpacked once in registers for every head.
-template <class S, int Stored, int Heads>
-INFUSE_FORCE_INLINE void accumulate_heads(const kv::vector_format<S>& f, const tile_records& v,
-                                          const std::int32_t* needed, int count,
-                                          const float* weights, const float* factors, float* acc,
-                                          std::int64_t acc_stride) {
-  using tag = gemm::cpu::float_tag<S>;
-  const tag d;
-  constexpr int lanes = unpack_lanes<S>;
-  const int dims = dims_or<Stored>(f.stored_dim());
-  const int group_dims = S::group > 0 ? S::group : dims;
-  // Two chunks at a time (both in one block): two independent FMA chains per head.
-  for (int at = 0; at < dims; at += 2 * lanes) {
-    const int c = at % quant::block_size;
-    const std::int64_t block_at = std::int64_t{at / quant::block_size} * S::block_bytes;
-    hn::Vec<tag> sum[Heads][2];
-    for (int g = 0; g < Heads; ++g) {
-      for (int i = 0; i < 2; ++i) {
-        sum[g][i] =
-            hn::Mul(hn::Set(d, factors[g]), hn::LoadU(d, acc + g * acc_stride + at + i * lanes));
-      }
-    }
-    for (int i = 0; i < count; ++i) {
-      const std::int32_t j = needed[i];
-      const auto p = f.group_params(v.params[j], at / group_dims);
-      const std::uint8_t* block = v.codes[j] + block_at;
-      const auto v0 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p);
-      const auto v1 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c + lanes, p);
-      for (int g = 0; g < Heads; ++g) {
-        const auto w = hn::Set(d, weights[g * score_tile + j]);
-        sum[g][0] = hn::MulAdd(w, v0, sum[g][0]);
-        sum[g][1] = hn::MulAdd(w, v1, sum[g][1]);
-      }
-    }
-    for (int g = 0; g < Heads; ++g) {
-      for (int i = 0; i < 2; ++i) hn::StoreU(sum[g][i], d, acc + g * acc_stride + at + i * lanes);
-    }
-  }
-}
-
-// Calls pass.template operator()<Heads>(g) for consecutive runs of heads covering [0, group):
-// runs of 4, then single heads, none wider than MaxHeads (two run widths keep the instantiations,
-// and the compile time, of every head dim and scheme down).
-template <int MaxHeads, class Pass>
-INFUSE_FORCE_INLINE void for_head_runs(std::int32_t group, Pass&& pass) {
-  std::int32_t g = 0;
-  const auto runs = [&]<int Heads>() {
-    if constexpr (Heads <= MaxHeads) {
-      for (; group - g >= Heads; g += Heads) pass.template operator()<Heads>(g);
-    }
-  };
-  runs.template operator()<4>();
-  runs.template operator()<1>();
-}
+#endif
 
 // What one thread's scratch holds (floats).
 struct thread_scratch {
@@ -254,7 +175,23 @@ struct thread_scratch {
   float* factors;  // (group): each head's rescale factor for the tile
   float* select;   // the policy's scratch
   std::int64_t select_floats;
+  // The group's int8 query rows (options::int8_query), over the policy's scratch: select() is done
+  // before the walk. Null base when the query stays float.
+  gemm::cpu::detail::int8_x_layout query8{0, nullptr};
 };
+
+// Rounds the group's float query rows (scratch.q) into scratch.query8.
+template <class S>
+void quantize_query(const kv::vector_format<S>& f, const thread_scratch& scratch,
+                    std::int32_t group) {
+  if constexpr (gemm::cpu::detail::is_int<S>) {
+    for (std::int32_t g = 0; g < group; ++g) {
+      gemm::cpu::detail::quantize_activations<S::bits, true>(
+          scratch.q + std::int64_t{g} * f.stored_dim(), f.stored_dim(), f.group_dims(),
+          scratch.query8, g);
+    }
+  }
+}
 
 // The pieces of the workspace, typed.
 struct workspace_parts {
@@ -281,47 +218,10 @@ struct workspace_parts {
   }
 };
 
-// Clips a policy's ranges to [0, length), drops empty ones and any that do not come after the
-// previous one: what the kernel walks is always inside the sequence. Returns the new count.
-inline std::int64_t sanitize_ranges(sparse::token_range* ranges, std::int64_t count,
-                                    std::int64_t length) {
-  std::int64_t kept = 0;
-  std::int64_t floor = 0;
-  for (std::int64_t i = 0; i < count; ++i) {
-    const std::int64_t begin = std::max(ranges[i].begin, floor);
-    const std::int64_t end = std::min(ranges[i].end, length);
-    if (begin >= end) continue;
-    ranges[kept++] = {begin, end};
-    floor = end;
-  }
-  return kept;
-}
-
 inline std::int64_t selected_tokens(const sparse::token_range* ranges, std::int64_t count) {
   std::int64_t total = 0;
   for (std::int64_t i = 0; i < count; ++i) total += ranges[i].end - ranges[i].begin;
   return total;
-}
-
-// Calls visit(t0, t1) for the spans of selected tokens [first, last) (indices into the
-// concatenation of the ranges).
-template <class Visit>
-void for_each_span(const sparse::token_range* ranges, std::int64_t count, std::int64_t first,
-                   std::int64_t last, Visit&& visit) {
-  std::int64_t skip = first;
-  std::int64_t remaining = last - first;
-  for (std::int64_t r = 0; r < count && remaining > 0; ++r) {
-    const std::int64_t length = ranges[r].end - ranges[r].begin;
-    if (skip >= length) {
-      skip -= length;
-      continue;
-    }
-    const std::int64_t t0 = ranges[r].begin + skip;
-    const std::int64_t t1 = std::min(ranges[r].end, t0 + remaining);
-    skip = 0;
-    remaining -= t1 - t0;
-    visit(t0, t1);
-  }
 }
 
 // One unit's view of the call.
@@ -338,24 +238,6 @@ struct unit_context {
 
 // Tiles whose records are requested ahead of the one being read.
 inline constexpr std::int64_t prefetch_tiles = 2;
-
-// Calls visit(page, slot, t, n) for the tiles of selected tokens [first, last) of sequence s:
-// runs of at most score_tile tokens t..t+n-1 in slots slot.. of one page.
-template <class Cache, class Visit>
-void for_each_tile(const Cache& cache, std::int32_t s, const sparse::token_range* ranges,
-                   std::int64_t count, std::int64_t first, std::int64_t last, Visit&& visit) {
-  for_each_span(ranges, count, first, last, [&](std::int64_t t0, std::int64_t t1) {
-    for (std::int64_t t = t0; t < t1;) {
-      const kv::token_address at = cache.locate(s, t);
-      const std::int64_t run = std::min<std::int64_t>(t1 - t, cache.format.slots - at.slot);
-      for (std::int64_t j = 0; j < run; j += score_tile) {
-        visit(at.page, at.slot + static_cast<std::int32_t>(j), t + j,
-              std::min<std::int64_t>(score_tile, run - j));
-      }
-      t += run;
-    }
-  });
-}
 
 // The online softmax of one split-KV chunk: selected tokens [first, last) of the unit, into its
 // partial slot (group x (acc[v.stored_dim], max, sum)). Scores in base 2: log2(e) is folded in.
@@ -382,32 +264,32 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
     acc[v_stored + 1] = 0.0f;
   }
   const auto prefetch_tile = [&](const std::uint8_t* page, std::int32_t slot, std::int64_t n) {
-    const auto records = [&](auto&& at, std::int64_t bytes) {
-      if (bytes == 0) return;
-      const std::uint8_t* first_record = at(slot);
-      prefetch_records(first_record, n > 1 ? at(slot + 1) - first_record : bytes, n, bytes);
-    };
-    records([&](std::int32_t i) { return f.k_codes(page, i, u.kv_head); }, f.k.code_bytes());
-    records([&](std::int32_t i) { return f.k_params(page, i, u.kv_head); }, f.k.param_bytes());
-    records([&](std::int32_t i) { return f.v_codes(page, i, u.kv_head); }, f.v.code_bytes());
-    records([&](std::int32_t i) { return f.v_params(page, i, u.kv_head); }, f.v.param_bytes());
+    walk::prefetch_tile(f, page, slot, n, u.kv_head);
   };
   const auto tile = [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
     tile_records k;
     tile_records v;
-    for (std::int64_t j = 0; j < score_tile; ++j) {
-      const auto at = slot + static_cast<std::int32_t>(std::min(j, n - 1));
-      k.codes[j] = f.k_codes(page, at, u.kv_head);
-      k.params[j] = f.k_params(page, at, u.kv_head);
-      v.codes[j] = f.v_codes(page, at, u.kv_head);
-      v.params[j] = f.v_params(page, at, u.kv_head);
-    }
+    walk::gather_tile(f, page, slot, n, u.kv_head, k, v);
     // Raw scores, every head of the group against each K vector.
     float* scores = scratch.scores;
-    for_head_runs<unpack_lanes<k_scheme>>(u.group, [&]<int Heads>(std::int32_t g) {
-      score_heads<k_scheme, KStored, Heads>(f.k, k, n, scratch.q + std::int64_t{g} * k_stored,
-                                            k_stored, scores + g * score_tile);
-    });
+    bool scored = false;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+    if constexpr (int8_query_keys<k_scheme>) {
+      if (scratch.query8.base != nullptr) {
+        walk::for_row_runs<4>(u.group, [&]<int Heads>(std::int32_t g) {
+          score_heads_int8<k_scheme, KStored, Heads>(f.k, k, n, scratch.query8, g,
+                                                     scores + g * score_tile);
+        });
+        scored = true;
+      }
+    }
+#endif
+    if (!scored) {
+      walk::for_row_runs<unpack_lanes<k_scheme>>(u.group, [&]<int Heads>(std::int32_t g) {
+        walk::score_rows<k_scheme, KStored, Heads>(
+            f.k, k, n, scratch.q + std::int64_t{g} * k_stored, k_stored, scores + g * score_tile);
+      });
+    }
     // Logits (-inf for tokens not visible, and past n) and each head's online softmax.
     alignas(64) float visible[score_tile];
     for (std::int64_t j = 0; j < score_tile; ++j) {
@@ -432,28 +314,11 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
         std::memcpy(weights + g * weights_head_stride + t, s,
                     sizeof(float) * static_cast<std::size_t>(n));
       }
-      float* acc = partial + g * partial_floats;
-      softmax_state<log_base::two> state{acc[v_stored], acc[v_stored + 1]};
-      factors[g] = state.merge({tile_max(s), 0.0f}).previous;
-      state.sum += tile_weights(s, state.max);
-      acc[v_stored] = state.max;
-      acc[v_stored + 1] = state.sum;
-      any = any || state.max != -INFINITY;
+      factors[g] = walk::fold_tile(s, partial + g * partial_floats, v_stored, any);
     }
     if (!any) return;
-    // The weighted V vectors; a token no head weighs is skipped (its V is never read).
-    std::int32_t needed[score_tile];
-    int needed_count = 0;
-    for (std::int32_t j = 0; j < n; ++j) {
-      bool weighed = false;
-      for (std::int32_t g = 0; g < u.group; ++g) weighed |= scores[g * score_tile + j] != 0.0f;
-      if (weighed) needed[needed_count++] = j;
-    }
-    for_head_runs<4>(u.group, [&]<int Heads>(std::int32_t g) {
-      accumulate_heads<v_scheme, VStored, Heads>(f.v, v, needed, needed_count,
-                                                 scores + g * score_tile, factors + g,
-                                                 partial + g * partial_floats, partial_floats);
-    });
+    walk::accumulate_tile<v_scheme, VStored>(f.v, v, n, u.group, scores, factors, partial,
+                                             partial_floats);
   };
   // Each tile is requested prefetch_tiles tiles before it is read.
   struct tile_place {
@@ -505,6 +370,17 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
   const score_transform transform = score_transform::from(opt, head_dim);
   const host_view<float, 3> weights = find_output<token_weights>(outputs...).weights;
 
+  // Int8 queries: integer keys on a CPU with VNNI, when the thread scratch past the select
+  // scratch's start holds the group's int8 rows.
+  const std::int64_t select_at =
+      std::int64_t{group} * k_stored + std::int64_t{group} * score_tile + kv::round_up(group, 16);
+  const std::int64_t query8_bytes = gemm::int8_workspace_bytes(group, k_stored);
+  bool int8_query = false;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+  int8_query = detail::int8_query_keys<typename cache_type::k_scheme> && opt.int8_query &&
+               query8_bytes <= (plan.scratch_floats - select_at) * 4;
+#endif
+
   const auto scratch_of = [&](int thread) {
     float* base = parts.thread_floats + std::int64_t{thread} * plan.scratch_floats;
     detail::thread_scratch s{};
@@ -513,6 +389,7 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
     s.factors = s.scores + std::int64_t{group} * score_tile;
     s.select = s.factors + kv::round_up(group, 16);
     s.select_floats = plan.select_scratch_floats;
+    if (int8_query) s.query8 = gemm::cpu::detail::int8_x_layout::of(s.select, k_stored);
     return s;
   };
   // The group's query rows, `stride` floats apart, zero past head_dim.
@@ -650,6 +527,7 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
       const auto h = static_cast<std::int32_t>(u % kv_heads);
       if (loaded != u) {
         load_query(scratch.q, k_stored, s, h);
+        if (int8_query) detail::quantize_query(f.k, scratch, group);
         loaded = u;
       }
       const std::int64_t chunk = item - parts.item_offsets[u];

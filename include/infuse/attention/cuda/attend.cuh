@@ -39,6 +39,7 @@
 #include "infuse/core/error.hpp"
 #include "infuse/core/math.hpp"
 #include "infuse/core/memory.hpp"
+#include "infuse/core/view.hpp"
 #include "infuse/gemm/cuda/gemv.cuh"
 #include "infuse/kv/cache_view.hpp"
 #include "infuse/kv/format.hpp"
@@ -141,6 +142,9 @@ struct walk_context {
   std::int64_t new_begin;  // the mask's new_begin
   const sparse::token_range* ranges;
   std::int64_t range_count;
+  // Decode's token_weights: each visited token's base-2 score per row goes to
+  // weights(sequence, q_head, token), for the merge to turn into a weight; empty: none.
+  view<float, 3, device_memory> weights;
 };
 
 // The CTA's walk over selected tokens [first, last): every warp's online softmax over its tiles,
@@ -212,6 +216,8 @@ INFUSE_DEVICE void walk(const walk_context<Cache, Sparsity>& c,
                                                                            t, c.new_begin});
       const float score =
           seen ? c.transform(dot[r], row.q_head, row.position, t) * log2e : -INFINITY;
+      if (c.weights.data() != nullptr && valid && row.active)
+        c.weights(c.sequence, row.q_head, t) = score;
       float tile_max = score;
 #pragma unroll
       for (int offset = 16; offset > 0; offset /= 2) {
@@ -329,6 +335,19 @@ INFUSE_DEVICE void load_rows(shared_rows<KBound, VBound, Rows>& shared, RowPoint
 
 }  // namespace detail
 
+// Throws infuse::error unless `pointer` (when not null) points into memory the device reads:
+// cudaMalloc'ed or managed. A host pointer given to a CUDA call would fault inside a kernel.
+inline void require_device_pointer(const void* pointer, std::string_view call,
+                                   std::string_view argument) {
+  if (pointer == nullptr) return;
+  cudaPointerAttributes attributes{};
+  const cudaError_t status = cudaPointerGetAttributes(&attributes, pointer);
+  if (status != cudaSuccess) (void)cudaGetLastError();  // not sticky: clear it for later calls
+  require(status == cudaSuccess &&
+              (attributes.type == cudaMemoryTypeDevice || attributes.type == cudaMemoryTypeManaged),
+          call, argument, pointer, "a pointer to device memory (cudaMalloc or cudaMallocManaged)");
+}
+
 // Host checks of a cache view in device memory: what can be checked without reading it (its
 // table and pages stay on the device: the kernels clamp what they read from them).
 template <class Layout, class KQuant, class VQuant>
@@ -358,6 +377,17 @@ void require_device_cache_view(const kv::cache_view<Layout, KQuant, VQuant, devi
     require(cache.table.sequences == 0 || cache.table.lengths != nullptr, call,
             "cache.table.lengths", cache.table.lengths, "a pointer to one length per sequence");
   }
+  require_device_pointer(cache.pages, call, "cache.pages");
+  if constexpr (Layout::is_paged) {
+    require_device_pointer(cache.table.indptr, call, "cache.table.indptr");
+    require_device_pointer(cache.table.indices, call, "cache.table.indices");
+    require_device_pointer(cache.table.last_page_len, call, "cache.table.last_page_len");
+  } else {
+    require_device_pointer(cache.table.lengths, call, "cache.table.lengths");
+  }
+  require_device_pointer(cache.key_min, call, "cache.key_min");
+  require_device_pointer(cache.key_max, call, "cache.key_max");
+  require_device_pointer(cache.mass, call, "cache.mass");
 }
 
 }  // namespace infuse::attention::cuda

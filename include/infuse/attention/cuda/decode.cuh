@@ -1,15 +1,22 @@
-// The CUDA body of decode attention: attention::cuda::decode over a cache in device memory, the
-// same function as the CPU body (attention/cpu/decode.hpp) up to the order of float sums.
+// The CUDA body of decode attention, the same function as the CPU body
+// (attention/cpu/decode.hpp) up to the order of float sums. Two entries:
 //
-//   std::vector<std::byte>-like workspace in device memory, at least
-//   attention::cuda::decode_workspace_bytes(exec, q_heads, cache, sparsity, max_length) bytes;
+//   attention<Layout, K, V, Sparsity>::decode(exec, q, cache, out, sparsity, opt, workspace,
+//                                             outputs...)
+//     the public call on exec::cuda (attention/attention.hpp): cache is an attention::device_cache,
+//     checked on the host with its host table, which also gives the longest sequence; outputs
+//     device_lse_output, device_token_weights and accumulate_mass, as on the CPU. This file
+//     specializes its planner and body for exec::cuda.
+//
 //   attention::cuda::decode<Layout, K, V, Sparsity>(exec, q, cache, out, sparsity, opt, workspace,
-//                                                   max_length, lse);
+//                                                   max_length, lse)
+//     the device cache_view alone, for callers that keep no host table (a captured CUDA graph):
+//     the caller gives max_length, at least the longest sequence of the batch (the workspace,
+//     attention::cuda::decode_workspace_bytes(exec, q_heads, cache, sparsity, max_length) bytes,
+//     is sized from it); tokens past max_length are not read. lse (batch, q_heads) is optional
+//     (an empty view writes none).
 //
-// The cache's table lives on the device, so the host cannot read the lengths: the caller gives
-// max_length, at least the longest sequence of the batch (the workspace is sized from it). Every
-// sequence's tokens past max_length are not read. lse (batch, q_heads) is optional (an empty
-// view writes none); q, out, lse, the cache and options.alibi_slopes are device memory.
+// q, out, the outputs, the workspace, the cache and options.alibi_slopes are device memory.
 //
 // Three launches on the exec's stream:
 //   1. select: one thread per unit (sequence, KV head) runs the policy's select() into the
@@ -21,6 +28,9 @@
 //      per head goes to the workspace;
 //   3. merge: a warp per (sequence, query head) merges the unit's chunks as softmax states and
 //      writes out = acc / sum and the natural lse. No chunk (an empty selection): out 0, lse -inf.
+// token_weights: the walk stores each visited token's base-2 score in the weights row, and the
+// merge turns it into the weight 2^(score - lse) (0 for every token not selected), adding it to
+// cache.mass when asked.
 #pragma once
 
 #include "infuse/core/config.hpp"
@@ -186,7 +196,8 @@ template <int Bound, class Layout, class K, class V, class Sparsity>
 __global__ void __launch_bounds__(threads_per_cta)
     decode_attend_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
                          view<const float, 3, device_memory> q, typename Sparsity::params sparsity,
-                         score_transform transform, decode_plan plan, decode_parts parts) {
+                         score_transform transform, decode_plan plan, decode_parts parts,
+                         view<float, 3, device_memory> weights) {
   constexpr int rows = rows_for<Bound>;
   __shared__ shared_rows<Bound, Bound, rows> shared;
   const std::int64_t unit = blockIdx.x;
@@ -220,7 +231,8 @@ __global__ void __launch_bounds__(threads_per_cta)
       h,
       query + 1,
       parts.ranges + unit * plan.room,
-      parts.counts[unit]};
+      parts.counts[unit],
+      weights};
   walk(c, shared, first, last);
 
   const int v_stored = cache.format.v.stored_dim();
@@ -242,6 +254,7 @@ template <class Layout, class K, class V>
 __global__ void __launch_bounds__(threads_per_cta)
     decode_merge_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
                         view<float, 3, device_memory> out, view<float, 2, device_memory> lse,
+                        view<float, 3, device_memory> weights, bool accumulate_mass,
                         decode_plan plan, decode_parts parts) {
   const std::int64_t row =
       std::int64_t{blockIdx.x} * warps_per_cta + static_cast<int>(threadIdx.x) / 32;
@@ -277,6 +290,66 @@ __global__ void __launch_bounds__(threads_per_cta)
     out(s, q_head, d) = value * inverse;
   }
   if (lane == 0 && lse.data() != nullptr) lse(s, q_head) = state.natural_lse();
+  if (weights.data() != nullptr) {
+    // The scores the walk stored become weights; every other token of the row gets 0. The mass
+    // is added atomically: sequences may share pages (a forked prefix).
+    const sparse::token_range* ranges = parts.ranges + unit * plan.room;
+    const std::int64_t count = parts.counts[unit];
+    const float lse2 = state.lse();
+    const std::int32_t h = static_cast<std::int32_t>(unit % kv_heads);
+    std::int64_t r = 0;
+    for (std::int64_t t = lane; t < weights.extent(2); t += 32) {
+      while (r < count && ranges[r].end <= t) ++r;
+      float weight = 0.0f;
+      if (r < count && ranges[r].begin <= t) {
+        const float score = weights(s, q_head, t);
+        weight = score == -INFINITY ? 0.0f : fast_exp2(score - lse2);
+        if (accumulate_mass && weight != 0.0f) {
+          const kv::token_location at = cache.table.locate(s, t);
+          atomicAdd(
+              &cache.mass[(std::int64_t{at.page} * cache.format.slots + at.slot) * kv_heads + h],
+              weight);
+        }
+      }
+      weights(s, q_head, t) = weight;
+    }
+  }
+}
+
+// The three launches of a checked call (see the top of this file); weights and accumulate_mass
+// as the optional outputs of attention::decode.
+template <class Layout, class K, class V, class Sparsity>
+void launch_decode(const exec::cuda& exec, view<const float, 3, device_memory> q,
+                   const kv::cache_view<Layout, K, V, device_memory>& cache,
+                   view<float, 3, device_memory> out, const typename Sparsity::params& sparsity,
+                   const options& opt, std::span<std::byte> workspace, const decode_plan& plan,
+                   view<float, 2, device_memory> lse, view<float, 3, device_memory> weights,
+                   bool accumulate_mass) {
+  const auto& f = cache.format;
+  const std::int64_t units = std::int64_t{cache.sequences()} * f.k.heads;
+  if (units == 0) return;
+  const decode_parts parts(workspace, plan);
+  const score_transform transform = score_transform::from(opt, f.k.head_dim);
+  exec.launch(decode_select_kernel<Layout, K, V, Sparsity>,
+              dim3(static_cast<unsigned>((units + threads_per_cta - 1) / threads_per_cta)),
+              dim3(threads_per_cta), 0, cache, q, sparsity, transform.scale, plan, parts);
+  dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
+    constexpr int rows = rows_for<Bound>;
+    const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(plan.chunks),
+                    static_cast<unsigned>((plan.group + rows - 1) / rows));
+    exec.launch(decode_attend_kernel<Bound, Layout, K, V, Sparsity>, grid, dim3(threads_per_cta), 0,
+                cache, q, sparsity, transform, plan, parts, weights);
+  });
+  exec.launch(decode_merge_kernel<Layout, K, V>,
+              dim3(static_cast<unsigned>((units * plan.group + warps_per_cta - 1) / warps_per_cta)),
+              dim3(threads_per_cta), 0, cache, out, lse, weights, accumulate_mass, plan, parts);
+}
+
+// The longest sequence a call may have: its split-KV chunks are a grid dimension.
+inline void require_max_length(std::int64_t max_length, std::string_view call) {
+  require(max_length >= 0 && (max_length + split_tokens - 1) / split_tokens <= 65535, call,
+          "max_length", max_length,
+          "at least the longest sequence, at most " + std::to_string(65535 * split_tokens));
 }
 
 }  // namespace detail
@@ -329,32 +402,57 @@ void decode(const exec::cuda& exec, device_view<const float, 3> q,
             std::string("per-page key maxima, which sparse::") + Sparsity::name + " reads");
   }
   require_options(opt, call);
-  require(max_length >= 0 && (max_length + split_tokens - 1) / split_tokens <= 65535, call,
-          "max_length", max_length,
-          "at least the longest sequence, at most " + std::to_string(65535 * split_tokens));
+  detail::require_max_length(max_length, call);
   const decode_plan plan =
       plan_decode<Layout, KQuant, VQuant, Sparsity>(q_heads, cache, sparsity, max_length);
   require(static_cast<std::int64_t>(workspace.size()) >= plan.bytes, call, "workspace.size()",
           workspace.size(), "at least decode_workspace_bytes(...) = " + std::to_string(plan.bytes));
   require(workspace.data() != nullptr, call, "workspace.data()", workspace.data(), "a pointer");
-  const std::int64_t units = batch * f.k.heads;
-  if (units == 0) return;
-
-  const detail::decode_parts parts(workspace, plan);
-  const score_transform transform = score_transform::from(opt, f.k.head_dim);
-  exec.launch(detail::decode_select_kernel<Layout, KQuant, VQuant, Sparsity>,
-              dim3(static_cast<unsigned>((units + threads_per_cta - 1) / threads_per_cta)),
-              dim3(threads_per_cta), 0, cache, q, sparsity, transform.scale, plan, parts);
-  dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
-    constexpr int rows = rows_for<Bound>;
-    const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(plan.chunks),
-                    static_cast<unsigned>((plan.group + rows - 1) / rows));
-    exec.launch(detail::decode_attend_kernel<Bound, Layout, KQuant, VQuant, Sparsity>, grid,
-                dim3(threads_per_cta), 0, cache, q, sparsity, transform, plan, parts);
-  });
-  exec.launch(detail::decode_merge_kernel<Layout, KQuant, VQuant>,
-              dim3(static_cast<unsigned>((units * plan.group + warps_per_cta - 1) / warps_per_cta)),
-              dim3(threads_per_cta), 0, cache, out, lse, plan, parts);
+  detail::launch_decode<Layout, KQuant, VQuant, Sparsity>(exec, q, cache, out, sparsity, opt,
+                                                          workspace, plan, lse, {}, false);
 }
 
 }  // namespace infuse::attention::cuda
+
+namespace infuse::attention::detail {
+
+// attention::decode on exec::cuda: the plan from the longest sequence of the host table.
+template <>
+struct decode_planner<exec::cuda> {
+  template <class Layout, class KQuant, class VQuant, class Sparsity, class LengthOf>
+  static cuda::decode_plan plan(const exec::cuda&, std::int64_t q_heads,
+                                const kv::cache_view<Layout, KQuant, VQuant, device_memory>& cache,
+                                const typename Sparsity::params& sparsity, LengthOf /*length_of*/,
+                                std::int64_t longest) {
+    cuda::detail::require_max_length(longest, "infuse::attention::decode");
+    return cuda::plan_decode<Layout, KQuant, VQuant, Sparsity>(q_heads, cache, sparsity, longest);
+  }
+};
+
+// attention::decode's body on exec::cuda, after the host checks of attention::check: what only
+// the device can say (every pointer in device memory), then the launches.
+template <>
+struct decode_body<exec::cuda> {
+  template <class Layout, class KQuant, class VQuant, class Sparsity, class... Optional>
+  static void run(const exec::cuda& exec, device_view<const float, 3> q,
+                  const kv::cache_view<Layout, KQuant, VQuant, device_memory>& cache,
+                  device_view<float, 3> out, const typename Sparsity::params& sparsity,
+                  const options& opt, std::span<std::byte> workspace, const cuda::decode_plan& plan,
+                  const Optional&... outputs) {
+    constexpr std::string_view call = "infuse::attention::decode";
+    const device_view<float, 2> lse = find_output<device_lse_output>(outputs...).lse;
+    const device_view<float, 3> weights = find_output<device_token_weights>(outputs...).weights;
+    cuda::require_device_cache_view(cache, call);
+    cuda::require_device_pointer(q.data(), call, "q");
+    cuda::require_device_pointer(out.data(), call, "out");
+    cuda::require_device_pointer(workspace.data(), call, "workspace");
+    cuda::require_device_pointer(lse.data(), call, "lse");
+    cuda::require_device_pointer(weights.data(), call, "weights");
+    cuda::require_device_pointer(opt.alibi_slopes, call, "options.alibi_slopes");
+    cuda::detail::launch_decode<Layout, KQuant, VQuant, Sparsity>(
+        exec, q, cache, out, sparsity, opt, workspace, plan, lse, weights,
+        has_output<accumulate_mass, Optional...>);
+  }
+};
+
+}  // namespace infuse::attention::detail

@@ -1,11 +1,16 @@
-// The CUDA body of prefill attention: attention::cuda::prefill over a cache in device memory, the
-// same function as the CPU body (attention/cpu/prefill.hpp) up to the order of float sums.
+// The CUDA body of prefill attention over a cache in device memory, the same function as the CPU
+// body (attention/cpu/prefill.hpp) up to the order of float sums. Two entries:
 //
+//   attention::prefill<Layout, K, V, Sparsity>(exec, q, k, v, q_indptr, cache, out, sparsity,
+//                                              opt, lse)
+//     the public call on exec::cuda (attention/prefill.hpp), cache an attention::device_cache
+//     checked on the host with its host table; this file specializes its body for exec::cuda;
 //   attention::cuda::prefill<Layout, K, V, Sparsity>(exec, q, k, v, q_indptr, cache, out,
-//                                                    sparsity, opt, lse);
+//                                                    sparsity, opt, lse)
+//     the device cache_view alone, for callers that keep no host table.
 //
-// Shapes and meaning as attention::prefill (attention/prefill.hpp); every pointer is device memory
-// (q_indptr too: the host never reads it, the kernels clamp what they derive from it).
+// Shapes and meaning as attention::prefill; every pointer is device memory (q_indptr too: the
+// host never reads it, the kernels clamp what they derive from it). Neither needs workspace.
 //
 // Three launches on the exec's stream:
 //   1. store: a thread per (new token, KV head) encodes its K and V vectors into their slots with
@@ -220,7 +225,8 @@ __global__ void __launch_bounds__(threads_per_cta)
       h,
       new_begin,
       shared.ranges,
-      range_count};
+      range_count,
+      {}};
   walk(c, shared, 0, selected_tokens(shared.ranges, range_count));
 
   const std::int32_t v_dim = cache.format.v.head_dim;
@@ -234,6 +240,44 @@ __global__ void __launch_bounds__(threads_per_cta)
     out(token, row.q_head, d) = shared.warp_acc[0][r][d] * state.inverse_sum();
     if (d == 0 && lse.data() != nullptr) lse(token, row.q_head) = state.natural_lse();
   }
+}
+
+// The launches of a checked call (see the top of this file).
+template <class Sparsity, class Layout, class KQuant, class VQuant>
+void launch_prefill(const exec::cuda& exec, device_view<const float, 3> q,
+                    device_view<const float, 3> k, device_view<const float, 3> v,
+                    device_view<const std::int32_t, 1> q_indptr,
+                    const kv::cache_view<Layout, KQuant, VQuant, device_memory>& cache,
+                    device_view<float, 3> out, const typename Sparsity::params& sparsity,
+                    const options& opt, device_view<float, 2> lse) {
+  const auto& f = cache.format;
+  const std::int64_t new_total = q.extent(0);
+  const std::int32_t batch = cache.sequences();
+  const std::int32_t kv_heads = f.k.heads;
+  if (new_total == 0 || batch == 0) return;
+
+  const std::int32_t group = static_cast<std::int32_t>(q.extent(1) / kv_heads);
+  const score_transform transform = score_transform::from(opt, f.k.head_dim);
+  exec.launch(
+      prefill_store_kernel<Layout, KQuant, VQuant>,
+      dim3(static_cast<unsigned>((new_total * kv_heads + threads_per_cta - 1) / threads_per_cta)),
+      dim3(threads_per_cta), 0, cache, k, v, q_indptr.data());
+  if (cache.key_min != nullptr) {
+    exec.launch(prefill_bounds_kernel<Layout, KQuant, VQuant>,
+                dim3(static_cast<unsigned>(batch), static_cast<unsigned>(kv_heads)),
+                dim3(threads_per_cta), 0, cache, q_indptr.data());
+  }
+  dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
+    constexpr int rows = rows_for<Bound>;
+    tile_shape tile{group, group < rows ? group : rows, 1};
+    tile.queries = rows / tile.heads;
+    const dim3 grid(static_cast<unsigned>(new_total / tile.queries + batch),
+                    static_cast<unsigned>(kv_heads),
+                    static_cast<unsigned>((group + tile.heads - 1) / tile.heads));
+    exec.launch(prefill_attend_kernel<Bound, Layout, KQuant, VQuant, Sparsity>, grid,
+                dim3(threads_per_cta), 0, cache, q, q_indptr.data(), out, lse, sparsity, transform,
+                tile);
+  });
 }
 
 }  // namespace detail
@@ -289,30 +333,38 @@ void prefill(const exec::cuda& exec, device_view<const float, 3> q, device_view<
             std::string("per-page key bounds, which sparse::") + Sparsity::name + " reads");
   }
   require_options(opt, call);
-  if (new_total == 0 || batch == 0) return;
-
-  const std::int32_t group = static_cast<std::int32_t>(q_heads / kv_heads);
-  const score_transform transform = score_transform::from(opt, f.k.head_dim);
-  exec.launch(
-      detail::prefill_store_kernel<Layout, KQuant, VQuant>,
-      dim3(static_cast<unsigned>((new_total * kv_heads + threads_per_cta - 1) / threads_per_cta)),
-      dim3(threads_per_cta), 0, cache, k, v, q_indptr.data());
-  if (cache.key_min != nullptr) {
-    exec.launch(detail::prefill_bounds_kernel<Layout, KQuant, VQuant>,
-                dim3(static_cast<unsigned>(batch), static_cast<unsigned>(kv_heads)),
-                dim3(threads_per_cta), 0, cache, q_indptr.data());
-  }
-  dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
-    constexpr int rows = rows_for<Bound>;
-    detail::tile_shape tile{group, group < rows ? group : rows, 1};
-    tile.queries = rows / tile.heads;
-    const dim3 grid(static_cast<unsigned>(new_total / tile.queries + batch),
-                    static_cast<unsigned>(kv_heads),
-                    static_cast<unsigned>((group + tile.heads - 1) / tile.heads));
-    exec.launch(detail::prefill_attend_kernel<Bound, Layout, KQuant, VQuant, Sparsity>, grid,
-                dim3(threads_per_cta), 0, cache, q, q_indptr.data(), out, lse, sparsity, transform,
-                tile);
-  });
+  detail::launch_prefill<Sparsity>(exec, q, k, v, q_indptr, cache, out, sparsity, opt, lse);
 }
 
 }  // namespace infuse::attention::cuda
+
+namespace infuse::attention::detail {
+
+// attention::prefill's body on exec::cuda, after the host checks of check_prefill_arguments:
+// what only the device can say (every pointer in device memory), then the launches.
+template <>
+struct prefill_body<exec::cuda> {
+  template <class Sparsity, class Layout, class K, class V>
+  static void run(const exec::cuda& exec, device_view<const float, 3> q,
+                  device_view<const float, 3> k, device_view<const float, 3> v,
+                  device_view<const std::int32_t, 1> q_indptr,
+                  const kv::cache_view<Layout, K, V, device_memory>& cache,
+                  device_view<float, 3> out, const typename Sparsity::params& sparsity,
+                  const options& opt, device_view<float, 2> lse) {
+    static_assert(scratch_floats_per_page<Sparsity>() == 0,
+                  "infuse: the CUDA prefill takes no policy whose select() needs scratch "
+                  "(sparse::quest, sparse::coverage) yet; see docs/policies.md#prefill-attention");
+    constexpr std::string_view call = "infuse::attention::prefill";
+    cuda::require_device_cache_view(cache, call);
+    cuda::require_device_pointer(q.data(), call, "q");
+    cuda::require_device_pointer(k.data(), call, "k");
+    cuda::require_device_pointer(v.data(), call, "v");
+    cuda::require_device_pointer(q_indptr.data(), call, "q_indptr");
+    cuda::require_device_pointer(out.data(), call, "out");
+    cuda::require_device_pointer(lse.data(), call, "lse");
+    cuda::require_device_pointer(opt.alibi_slopes, call, "options.alibi_slopes");
+    cuda::detail::launch_prefill<Sparsity>(exec, q, k, v, q_indptr, cache, out, sparsity, opt, lse);
+  }
+};
+
+}  // namespace infuse::attention::detail
