@@ -27,8 +27,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "checkpoint.hpp"
@@ -160,7 +160,9 @@ struct activations_of {
   using type = gemm::float_activations;
 };
 template <class C>
-  requires requires { typename C::activations; }
+requires requires {
+  typename C::activations;
+}
 struct activations_of<C> {
   using type = typename C::activations;
 };

@@ -243,8 +243,8 @@ void gemv(const Exec& exec, const quant::matrix<S, Space>& w,
   static_check_activations<S, Activations>();
   check_gemv_arguments(w, x, y);
   if constexpr (std::is_same_v<Activations, float_activations>) {
-    if (options.bias == nullptr && options.residual == nullptr &&
-        options.activation == act::none && options.input_order == nullptr) {
+    if (options.bias == nullptr && options.residual == nullptr && options.activation == act::none &&
+        options.input_order == nullptr) {
       detail::gemv_body<Exec>::run(exec, w, x, y, options);
       return;
     }

@@ -29,8 +29,8 @@
 
 #include "infuse/core/float_types.hpp"
 #include "infuse/exec/cpu.hpp"
-#include "infuse/gemm/gemv.hpp"
 #include "infuse/gemm/cpu/lut.hpp"
+#include "infuse/gemm/gemv.hpp"
 #include "infuse/quant/bcq.hpp"
 #include "infuse/quant/fp8.hpp"
 #include "infuse/quant/int.hpp"

@@ -7,11 +7,11 @@
 // of both rows (16-byte vectors where the block layout allows) and of their group parameters
 // before the chunk of x is staged in shared memory, so they are in flight meanwhile; for blocks
 // of 32 bytes or less (int8 and narrower) the loads of the next chunk are issued before the
-// current chunk is multiplied, so two chunks are in flight. The lane dequantizes its blocks in registers and
-// multiplies them into one accumulator per (row, batch row); a warp-shuffle reduction ends the
-// row, and the lane that stores an output applies the epilogue (bias, activation, gate, residual)
-// first. Batch 1..8 is one launch that reads W once; 9..15 run in tiles of 8 batch rows (W read
-// once per tile). Batches of tensor_core_min_batch rows or more go to the tensor-core body,
+// current chunk is multiplied, so two chunks are in flight. The lane dequantizes its blocks in
+// registers and multiplies them into one accumulator per (row, batch row); a warp-shuffle reduction
+// ends the row, and the lane that stores an output applies the epilogue (bias, activation, gate,
+// residual) first. Batch 1..8 is one launch that reads W once; 9..15 run in tiles of 8 batch rows
+// (W read once per tile). Batches of tensor_core_min_batch rows or more go to the tensor-core body,
 // gemm/cuda/gemm_tc.cuh, which rounds x and the weights to half.
 //
 // x in shared memory is stored as float4 vectors, vector q of block b at b * 8 + (q ^ (b % 8)):
