@@ -14,6 +14,11 @@ TEST_CASE_TEMPLATE("CUDA decode matches the CPU body (hnd)", C, DECODE_SCHEMES(i
   infuse::test::check_decode_policies<typename C::layout, typename C::k, typename C::v>();
 }
 
+TEST_CASE_TEMPLATE("CUDA decode matches the CPU body (hnd, more schemes, dense)", C,
+                   DECODE_MORE_SCHEMES(infuse::kv::hnd)) {
+  infuse::test::check_decode_dense<typename C::layout, typename C::k, typename C::v>();
+}
+
 TEST_CASE("CUDA decode checks its arguments before anything is launched") {
   INFUSE_RANDOM(rng);
   using layout = infuse::kv::paged<16, infuse::kv::hnd>;

@@ -12,6 +12,11 @@ TEST_CASE_TEMPLATE("CUDA decode matches the CPU body (nhd)", C, DECODE_SCHEMES(i
   infuse::test::check_decode_policies<typename C::layout, typename C::k, typename C::v>();
 }
 
+TEST_CASE_TEMPLATE("CUDA decode matches the CPU body (nhd, more schemes, dense)", C,
+                   DECODE_MORE_SCHEMES(infuse::kv::nhd)) {
+  infuse::test::check_decode_dense<typename C::layout, typename C::k, typename C::v>();
+}
+
 TEST_CASE("CUDA decode applies the scale, soft-cap and ALiBi of the options") {
   INFUSE_RANDOM(rng);
   infuse::attention::options opt;

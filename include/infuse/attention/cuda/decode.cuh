@@ -22,10 +22,13 @@
 //   1. select: one thread per unit (sequence, KV head) runs the policy's select() into the
 //      workspace (the group's query rows and the policy's scratch beside it), clips the ranges
 //      to the sequence as the CPU body does, and counts the selected tokens;
-//   2. attend: a CTA per (unit, split-KV chunk of split_tokens selected tokens, pass of up to
-//      rows_for<Bound> heads of the group) walks its chunk (attention/cuda/attend.cuh): each key
-//      and value record is read once for all the heads of the pass; the chunk's (acc, max, sum)
-//      per head goes to the workspace;
+//   2. attend: a CTA per (unit, split-KV chunk of plan.split selected tokens, pass of up to
+//      Rows heads of the group) walks its chunk: each key and value record is read once for all
+//      the heads of the pass; the chunk's (acc, max, sum) per head goes to the workspace. Stored
+//      dims up to 256 in schemes whose 16-byte slices hold whole dims (quant::none, fp8, 8- and
+//      4-bit int_) take the sliced walk (attention/cuda/decode_walk.cuh: lanes over the head dim,
+//      16-byte loads, 4 heads a pass for groups up to 4, else lane_map's rows, 2 to 8); every
+//      other cache takes attend.cuh's walk, rows_for<Bound> heads a pass;
 //   3. merge: a warp per (sequence, query head) merges the unit's chunks as softmax states and
 //      writes out = acc / sum and the natural lse. No chunk (an empty selection): out 0, lse -inf.
 // token_weights: the walk stores each visited token's base-2 score in the weights row, and the
@@ -50,6 +53,7 @@
 
 #include "infuse/attention/attention.hpp"
 #include "infuse/attention/cuda/attend.cuh"
+#include "infuse/attention/cuda/decode_walk.cuh"
 #include "infuse/attention/options.hpp"
 #include "infuse/core/error.hpp"
 #include "infuse/core/math.hpp"
@@ -60,12 +64,21 @@
 
 namespace infuse::attention::cuda {
 
-// Selected tokens of one split-KV chunk: a CTA's work.
+// Selected tokens of one split-KV chunk, a CTA's work: split_tokens for a batch of at least
+// split_full_units units, halved (down to min_split_tokens) while units * (split_tokens / split)
+// stays below it: a small batch fills the device with shorter chunks, a large one spreads a CTA's
+// fixed costs over more tokens. The units alone decide (below max_chunks * min_split_tokens
+// tokens, where the chunks would pass the grid's limit), so that a longer max_length does not plan
+// a smaller workspace.
 inline constexpr std::int64_t split_tokens = 256;
+inline constexpr std::int64_t min_split_tokens = 64;
+inline constexpr std::int64_t split_full_units = 128;
+inline constexpr std::int64_t max_chunks = 65535;  // a grid's y extent
 
 // Where each part of the workspace lies (byte offsets from its 256-byte aligned start).
 struct decode_plan {
   std::int64_t room = 0;    // token ranges per unit
+  std::int64_t split = 0;   // selected tokens of a split-KV chunk
   std::int64_t chunks = 0;  // split-KV chunks per unit, at most
   std::int64_t group = 0;
   std::int64_t scratch_floats = 0;  // the policy's scratch per unit
@@ -99,7 +112,15 @@ decode_plan plan_decode(std::int64_t q_heads,
   longest.page_size = f.slots;
   longest.kv_heads = f.k.heads;
   p.room = std::max<std::int64_t>(1, Sparsity::max_ranges(sparsity, longest));
-  p.chunks = std::max<std::int64_t>(1, (max_length + split_tokens - 1) / split_tokens);
+  const auto chunks_of = [&](std::int64_t split) {
+    return std::max<std::int64_t>(1, (max_length + split - 1) / split);
+  };
+  p.split = split_tokens;
+  while (p.split > min_split_tokens && units * (split_tokens / p.split) < split_full_units &&
+         chunks_of(p.split / 2) <= max_chunks) {
+    p.split /= 2;
+  }
+  p.chunks = chunks_of(p.split);
   const std::int64_t pages = (max_length + f.slots - 1) / f.slots;
   p.scratch_floats = infuse::attention::detail::scratch_floats_per_page<Sparsity>() * pages;
   p.partial_floats = f.v.stored_dim() + 2;
@@ -191,14 +212,15 @@ __global__ void __launch_bounds__(threads_per_cta)
   parts.selected[unit] = selected_tokens(ranges, count);
 }
 
-// 2. One split-KV chunk of one unit, for one pass of up to Rows heads of the group.
-template <int Bound, class Layout, class K, class V, class Sparsity>
+// 2. One split-KV chunk of one unit, for one pass of up to Rows heads of the group; Sliced: the
+// walk of attention/cuda/decode_walk.cuh, else attend.cuh's.
+template <int Bound, int Rows, bool Sliced, class Layout, class K, class V, class Sparsity>
 __global__ void __launch_bounds__(threads_per_cta)
     decode_attend_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
                          view<const float, 3, device_memory> q, typename Sparsity::params sparsity,
                          score_transform transform, decode_plan plan, decode_parts parts,
                          view<float, 3, device_memory> weights) {
-  constexpr int rows = rows_for<Bound>;
+  constexpr int rows = Rows;
   __shared__ shared_rows<Bound, Bound, rows> shared;
   const std::int64_t unit = blockIdx.x;
   const std::int64_t chunk = blockIdx.y;
@@ -206,9 +228,9 @@ __global__ void __launch_bounds__(threads_per_cta)
   const auto s = static_cast<std::int32_t>(unit / kv_heads);
   const auto h = static_cast<std::int32_t>(unit % kv_heads);
   const std::int64_t selected = parts.selected[unit];
-  const std::int64_t first = chunk * split_tokens;
+  const std::int64_t first = chunk * plan.split;
   if (first >= selected) return;  // the whole CTA: no barrier is left waiting
-  const std::int64_t last = selected < first + split_tokens ? selected : first + split_tokens;
+  const std::int64_t last = selected < first + plan.split ? selected : first + plan.split;
   const auto group = static_cast<std::int32_t>(plan.group);
   const std::int32_t first_head = static_cast<std::int32_t>(blockIdx.z) * rows;
   const std::int64_t query = cache.length(s) - 1;
@@ -233,7 +255,12 @@ __global__ void __launch_bounds__(threads_per_cta)
       parts.ranges + unit * plan.room,
       parts.counts[unit],
       weights};
-  walk(c, shared, first, last);
+  if constexpr (Sliced) {
+    const std::int32_t pass_rows = group - first_head;
+    sliced_walk(c, shared, pass_rows < rows ? pass_rows : rows, first, last);
+  } else {
+    walk(c, shared, first, last);
+  }
 
   const int v_stored = cache.format.v.stored_dim();
   float* partial = parts.partials + (unit * plan.chunks + chunk) * group * plan.partial_floats;
@@ -266,7 +293,7 @@ __global__ void __launch_bounds__(threads_per_cta)
   const auto s = static_cast<std::int32_t>(unit / kv_heads);
   const std::int32_t q_head = static_cast<std::int32_t>(unit % kv_heads) * plan.group + g;
   const std::int64_t selected = parts.selected[unit];
-  std::int64_t chunks = (selected + split_tokens - 1) / split_tokens;
+  std::int64_t chunks = (selected + plan.split - 1) / plan.split;
   chunks = chunks < plan.chunks ? chunks : plan.chunks;
   const int v_stored = cache.format.v.stored_dim();
   const float* first = parts.partials + (unit * plan.chunks * plan.group + g) * plan.partial_floats;
@@ -334,22 +361,37 @@ void launch_decode(const exec::cuda& exec, view<const float, 3, device_memory> q
               dim3(static_cast<unsigned>((units + threads_per_cta - 1) / threads_per_cta)),
               dim3(threads_per_cta), 0, cache, q, sparsity, transform.scale, plan, parts);
   dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
-    constexpr int rows = rows_for<Bound>;
-    const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(plan.chunks),
-                    static_cast<unsigned>((plan.group + rows - 1) / rows));
-    exec.launch(decode_attend_kernel<Bound, Layout, K, V, Sparsity>, grid, dim3(threads_per_cta), 0,
-                cache, q, sparsity, transform, plan, parts, weights);
+    const auto attend = [&]<int Rows, bool Sliced>() {
+      const dim3 grid(static_cast<unsigned>(units), static_cast<unsigned>(plan.chunks),
+                      static_cast<unsigned>((plan.group + Rows - 1) / Rows));
+      exec.launch(decode_attend_kernel<Bound, Rows, Sliced, Layout, K, V, Sparsity>, grid,
+                  dim3(threads_per_cta), 0, cache, q, sparsity, transform, plan, parts, weights);
+    };
+    if constexpr (sliced_walk_takes<K, V, Bound>) {
+      // Groups of up to 4 heads (the common GQA shapes) in a kernel sized for 4 rows: fewer
+      // registers, more CTAs an SM.
+      constexpr int most = lane_map<K, V, Bound>::rows;
+      constexpr int few = most < 4 ? most : 4;
+      if (plan.group <= few) {
+        attend.template operator()<few, true>();
+      } else {
+        attend.template operator()<most, true>();
+      }
+    } else {
+      attend.template operator()<rows_for<Bound>, false>();
+    }
   });
   exec.launch(decode_merge_kernel<Layout, K, V>,
               dim3(static_cast<unsigned>((units * plan.group + warps_per_cta - 1) / warps_per_cta)),
               dim3(threads_per_cta), 0, cache, out, lse, weights, accumulate_mass, plan, parts);
 }
 
-// The longest sequence a call may have: its split-KV chunks are a grid dimension.
+// The longest sequence a call may have: its split-KV chunks (of split_tokens at the longest) are
+// a grid dimension.
 inline void require_max_length(std::int64_t max_length, std::string_view call) {
-  require(max_length >= 0 && (max_length + split_tokens - 1) / split_tokens <= 65535, call,
+  require(max_length >= 0 && (max_length + split_tokens - 1) / split_tokens <= max_chunks, call,
           "max_length", max_length,
-          "at least the longest sequence, at most " + std::to_string(65535 * split_tokens));
+          "at least the longest sequence, at most " + std::to_string(max_chunks * split_tokens));
 }
 
 }  // namespace detail
