@@ -1,13 +1,17 @@
 // attention::prefill on exec::cuda against the same call on exec::cpu, on the same cache: the K and
 // V written into the pool and the recomputed key bounds agree bit for bit (both encode with the
-// formats' own encode), out and lse to a few float roundings. Layouts paged<16> nhd and hnd;
-// schemes f16, int8 and int4; policies causal, dense and window; groups 1, 4 and 8; head dims 64,
-// 128 and 80; sequences with and without a cached prefix, a single new token, a page boundary, and
-// a sequence with no new token.
+// formats' own encode), out and lse to a few float roundings on CUDA cores, to the rounding of
+// the operands to half (bfloat16) on tensor cores. Layouts paged<16> nhd and hnd; schemes f16,
+// int8 and int4; policies causal, dense and window; groups 1, 4 and 8; head dims 64, 128 and 80;
+// sequences with and without a cached prefix, a single new token, a page boundary, and a sequence
+// with no new token. The tensor-core body also on bf16, mixed K and V schemes and pages of 3, over
+// the query tile's edges (1, 63, 64, 65 new tokens), tiles of keys past one, 4097 new tokens, and
+// a soft-cap with a scale of its own.
 #include <doctest/doctest.h>
 
 #include <cstdint>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "decode_configs.hpp"
@@ -40,13 +44,26 @@ struct prefill_shape {
   std::int32_t dim;
 };
 
+// The bound of the relative error of out (and of |lse difference| / (1 + |lse|)): float sums on
+// CUDA cores; on tensor cores the queries, keys, values and weights rounded to the operand type
+// (half: 2^-11, bfloat16: 2^-8 relative, about 4 times the expected error of the output).
+template <class Sparsity, class K, class V>
+double prefill_tolerance(std::int32_t dim) {
+  if (!attention::cuda::prefill_takes_tensor_cores<Sparsity, K, V>(dim, dim)) return 1e-5;
+  using bf16 = quant::none<infuse::bfloat16>;
+  return std::is_same_v<K, bf16> || std::is_same_v<V, bf16> ? 1e-2 : 2e-3;
+}
+
 template <class Sparsity, class Layout, class K, class V>
 void check_device_prefill(test::seeded_rng& rng, const prefill_shape& shape,
-                          const typename Sparsity::params& params) {
+                          const typename Sparsity::params& params,
+                          const attention::options& opt = {}) {
   CAPTURE(Sparsity::name);
   CAPTURE(shape.q_heads);
   CAPTURE(shape.kv_heads);
   CAPTURE(shape.dim);
+  CAPTURE(opt.soft_cap);
+  const double tolerance = prefill_tolerance<Sparsity, K, V>(shape.dim);
   std::vector<std::int64_t> lengths(shape.prefix.size());
   std::vector<std::int32_t> q_indptr{0};
   for (std::size_t s = 0; s < lengths.size(); ++s) {
@@ -70,7 +87,7 @@ void check_device_prefill(test::seeded_rng& rng, const prefill_shape& shape,
       host_view<const float, 3>(k.data(), {rows, kv_heads, dim}),
       host_view<const float, 3>(v.data(), {rows, kv_heads, dim}),
       host_view<const std::int32_t, 1>(q_indptr.data(), {std::ssize(q_indptr)}), st.view(),
-      host_view<float, 3>(out.data(), {rows, q_heads, dim}), params, {},
+      host_view<float, 3>(out.data(), {rows, q_heads, dim}), params, opt,
       host_view<float, 2>(lse.data(), {rows, q_heads}));
 
   const infuse::exec::cuda gpu;
@@ -88,7 +105,7 @@ void check_device_prefill(test::seeded_rng& rng, const prefill_shape& shape,
       device_view<const float, 3>(v_device.data(), {rows, kv_heads, dim}),
       device_view<const std::int32_t, 1>(indptr_device.data(), {std::ssize(q_indptr)}),
       attention::device_cache<Layout, K, V>{device.view, st.view().table},
-      out_device.as_view({rows, q_heads, dim}), params, {}, lse_device.as_view({rows, q_heads}));
+      out_device.as_view({rows, q_heads, dim}), params, opt, lse_device.as_view({rows, q_heads}));
   test::check_launch();
 
   CHECK(device.pool_on_host() == st.storage);
@@ -96,11 +113,11 @@ void check_device_prefill(test::seeded_rng& rng, const prefill_shape& shape,
   CHECK(device.key_max.to_host() == st.key_max);
   const auto out_gpu = out_device.to_host();
   const auto lse_gpu = lse_device.to_host();
-  CHECK(test::relative_difference(out_gpu, out) < 1e-5);
+  CHECK(test::relative_difference(out_gpu, out) < tolerance);
   for (std::size_t i = 0; i < lse.size(); ++i) {
     INFO("lse " << i << ": " << lse_gpu[i] << " on the device, " << lse[i] << " on the CPU");
-    CHECK(
-        (lse_gpu[i] == lse[i] || std::fabs(lse_gpu[i] - lse[i]) < 1e-5 * (1 + std::fabs(lse[i]))));
+    CHECK((lse_gpu[i] == lse[i] ||
+           std::fabs(lse_gpu[i] - lse[i]) < tolerance * (1 + std::fabs(lse[i]))));
   }
 }
 
@@ -121,4 +138,34 @@ TEST_CASE_TEMPLATE("CUDA prefill matches the CPU body", C, DECODE_SCHEMES(infuse
     check_device_prefill<sparse::dense, L, K, V>(rng, shape, {});
     check_device_prefill<sparse::window, L, K, V>(rng, shape, {2, 20});
   }
+}
+
+using bf16_cache = infuse::quant::none<infuse::bfloat16>;
+
+TEST_CASE_TEMPLATE(
+    "CUDA prefill on tensor cores matches the CPU body", C,
+    infuse::test::decode_config<infuse::kv::paged<16, infuse::kv::nhd>, infuse::test::f16>,
+    infuse::test::decode_config<infuse::kv::paged<16, infuse::kv::nhd>, bf16_cache>,
+    infuse::test::decode_config<infuse::kv::paged<16, infuse::kv::hnd>, infuse::test::int8>,
+    infuse::test::decode_config<infuse::kv::paged<3, infuse::kv::nhd>, infuse::test::int8,
+                                infuse::test::f16>,
+    infuse::test::decode_config<infuse::kv::paged<16, infuse::kv::hnd>, bf16_cache,
+                                infuse::test::f16>) {
+  INFUSE_RANDOM(rng);
+  using L = typename C::layout;
+  using K = typename C::k;
+  using V = typename C::v;
+  const prefill_shape shapes[] = {{{0, 0, 0, 0}, {1, 63, 64, 65}, 8, 8, 64},
+                                  {{0, 37, 130}, {129, 200, 1}, 16, 4, 128},
+                                  {{0}, {4097}, 1, 1, 64}};
+  for (const prefill_shape& shape : shapes) {
+    REQUIRE(
+        attention::cuda::prefill_takes_tensor_cores<sparse::causal, K, V>(shape.dim, shape.dim));
+    check_device_prefill<sparse::causal, L, K, V>(rng, shape, {});
+    check_device_prefill<sparse::dense, L, K, V>(rng, shape, {});
+  }
+  attention::options capped;
+  capped.scale = 0.2f;
+  capped.soft_cap = 5.0f;
+  check_device_prefill<sparse::causal, L, K, V>(rng, shapes[1], {}, capped);
 }

@@ -17,14 +17,17 @@
 //      the formats' own encode (the same bits as the CPU body's);
 //   2. bounds (when the cache keeps key_min / key_max): a CTA per (sequence, KV head) recomputes
 //      the bounds of the pages that received keys, over their stored keys;
-//   3. attend: a CTA per (query tile, KV head, pass over the group's heads) holds rows (query,
-//      head) in shared memory, runs the policy's select() for its queries, and walks the
-//      selection (attention/cuda/attend.cuh) with the policy's visible() per (row, key); each key
-//      and value is read once for all the CTA's rows. The CTA writes out = acc / sum and the lse.
+//   3. attend, on tensor cores where prefill_takes_tensor_cores says so (dense or causal, head
+//      dim 64 or 128, K and V in f16, bf16 or a scheme dequantized to half: the body of
+//      attention/cuda/prefill_mma.cuh), else on CUDA cores: a CTA per (query tile, KV head, pass
+//      over the group's heads) holds rows (query, head) in shared memory, runs the policy's
+//      select() for its queries, and walks the selection (attention/cuda/attend.cuh) with the
+//      policy's visible() per (row, key); each key and value is read once for all the CTA's rows.
+//      The CTA writes out = acc / sum and the lse.
 //
-// Query tiles: a CTA holds rows_for<Bound> rows, heads of one query before the next query;
-// sequence b's tiles have the CTA indices first_tile(b) = q_indptr[b] / tile_queries + b onwards
-// (never overlapping the next sequence's), so the grid needs no host-side count of tiles.
+// Query tiles: a CUDA-core CTA holds rows_for<Bound> rows, heads of one query before the next
+// query; both bodies number the tiles of sequence b from q_indptr[b] / tile_queries + b on
+// (tile_of_cta), so the grid needs no host-side count of tiles.
 //
 // Policies whose select() needs scratch (sparse::quest, sparse::coverage) are not taken yet.
 #pragma once
@@ -43,6 +46,7 @@
 
 #include "infuse/attention/attention.hpp"
 #include "infuse/attention/cuda/attend.cuh"
+#include "infuse/attention/cuda/prefill_mma.cuh"
 #include "infuse/attention/options.hpp"
 #include "infuse/core/error.hpp"
 #include "infuse/core/math.hpp"
@@ -146,27 +150,15 @@ __global__ void __launch_bounds__(threads_per_cta)
       sizeof(shared_rows<Bound, Bound, rows>::ranges) / sizeof(sparse::token_range);
   __shared__ shared_rows<Bound, Bound, rows> shared;
   __shared__ std::int64_t range_count;
-  const std::int32_t batch = cache.sequences();
-  const std::int64_t cta = blockIdx.x;
-  // The sequence: the last whose first tile is at or before this CTA.
-  std::int32_t b = 0;
-  for (std::int32_t lo = 0, hi = batch - 1; lo <= hi;) {
-    const std::int32_t mid = lo + (hi - lo) / 2;
-    if (q_indptr[mid] / tile.queries + mid <= cta) {
-      b = mid;
-      lo = mid + 1;
-    } else {
-      hi = mid - 1;
-    }
-  }
-  const std::int64_t begin = q_indptr[b];
-  const std::int64_t end = q_indptr[b + 1] < q.extent(0) ? q_indptr[b + 1] : q.extent(0);
-  const std::int64_t first_row = begin + (cta - (begin / tile.queries + b)) * tile.queries;
-  if (first_row < begin || first_row >= end) return;  // the whole CTA: no barrier left waiting
-  const std::int64_t queries = end - first_row < tile.queries ? end - first_row : tile.queries;
+  const query_tile rows_of =
+      tile_of_cta(q_indptr, cache.sequences(), q.extent(0), blockIdx.x, tile.queries);
+  if (rows_of.queries == 0) return;  // the whole CTA: no barrier left waiting
+  const std::int32_t b = rows_of.sequence;
+  const std::int64_t first_row = rows_of.first_row;
+  const std::int64_t queries = rows_of.queries;
   const std::int64_t length = cache.length(b);
-  const std::int64_t new_begin = length - (end - begin);
-  const std::int64_t query_begin = new_begin + (first_row - begin);
+  const std::int64_t new_begin = length - (rows_of.end - rows_of.begin);
+  const std::int64_t query_begin = new_begin + (first_row - rows_of.begin);
   const auto h = static_cast<std::int32_t>(blockIdx.y);
   const std::int32_t first_head = static_cast<std::int32_t>(blockIdx.z) * tile.heads;
 
@@ -266,6 +258,10 @@ void launch_prefill(const exec::cuda& exec, device_view<const float, 3> q,
     exec.launch(prefill_bounds_kernel<Layout, KQuant, VQuant>,
                 dim3(static_cast<unsigned>(batch), static_cast<unsigned>(kv_heads)),
                 dim3(threads_per_cta), 0, cache, q_indptr.data());
+  }
+  if (prefill_takes_tensor_cores<Sparsity, KQuant, VQuant>(f.k.head_dim, f.v.head_dim)) {
+    launch_prefill_mma<Sparsity>(exec, q, q_indptr, cache, out, sparsity, transform, lse);
+    return;
   }
   dispatch_bound(f.k.stored_dim(), f.v.stored_dim(), [&]<int Bound>() {
     constexpr int rows = rows_for<Bound>;
