@@ -26,6 +26,7 @@
 
 #include "infuse/attention/cpu/decode.hpp"
 #include "infuse/core/float_types.hpp"
+#include "infuse/kv/page_pool.hpp"
 #include "infuse/quant/quant.hpp"
 #include "infuse/sparse/sparse.hpp"
 #include "support/cpu_bandwidth.hpp"
@@ -53,7 +54,7 @@ using nhd = kv::paged<page, kv::nhd>;
 template <class Layout, class S>
 struct store {
   kv::cache_view<Layout, S, S> view{};
-  std::vector<std::uint64_t> bytes;
+  std::vector<std::uint64_t, kv::page_allocator<std::uint64_t>> bytes;  // as a page_pool holds them
   std::vector<std::int32_t> indptr, indices, last;
   std::vector<float> key_min, key_max;
 

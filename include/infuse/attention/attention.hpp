@@ -245,12 +245,18 @@ decode_workspace_layout plan_decode_workspace(int threads, std::int64_t q_heads,
   w.select_scratch_floats = detail::scratch_floats_per_page<Sparsity>() * max_pages;
   // Per thread (the CPU body's thread scratch): the group's query rows (padded to whole blocks),
   // a tile of scores, the group's rescale factors, then the policy's scratch, which the group's
-  // int8 query rows (options::int8_query) reuse once select() is done.
+  // int8 query rows (options::int8_query) or the walk's staged tile reuse once select() is done.
   const std::int64_t k_stored = cache.format.k.stored_dim();
   const std::int64_t int8_query_floats = (gemm::int8_workspace_bytes(group, k_stored) + 3) / 4;
-  w.scratch_floats = kv::round_up(group * k_stored + group * score_tile + kv::round_up(group, 16) +
-                                      std::max(w.select_scratch_floats, int8_query_floats),
-                                  16);
+  // kv::per_channel keys and kv::mixed records: a tile of keys and one of values read back as
+  // floats, there too.
+  const std::int64_t staged_floats =
+      score_tile * (k_stored + cache.format.v.stored_dim()) *
+      (kv::is_per_channel<KQuant> || kv::is_mixed<KQuant> || kv::is_mixed<VQuant> ? 1 : 0);
+  w.scratch_floats =
+      kv::round_up(group * k_stored + group * score_tile + kv::round_up(group, 16) +
+                       std::max({w.select_scratch_floats, int8_query_floats, staged_floats}),
+                   16);
   w.ranges_at = 0;
   w.range_offsets_at =
       align(w.ranges_at + w.total_ranges * std::int64_t{sizeof(sparse::token_range)});
@@ -284,10 +290,11 @@ struct decode_planner<exec::cpu> {
 
 template <class Layout, class KQuant, class VQuant, class Sparsity = sparse::dense>
 struct attention {
-  static_assert((static_check_read_formats<KQuant, VQuant>(), true));
-  static_assert(quant::scheme<KQuant> && quant::scheme<VQuant>,
+  static_assert((quant::scheme<KQuant> || kv::is_per_channel<KQuant> || kv::is_mixed<KQuant>) &&
+                    (quant::scheme<VQuant> || kv::is_mixed<VQuant>),
                 "infuse: attention<Layout, KQuant, VQuant, Sparsity> takes quantization schemes "
-                "for K and V; see docs/policies.md#quantization-schemes");
+                "for K and V (or the arrangements kv::per_channel<S> for K and kv::mixed<High, "
+                "Low> for either); see docs/policies.md#quantization-schemes");
   static_assert(sparse::policy<Sparsity>,
                 "infuse: attention<Layout, KQuant, VQuant, Sparsity>: Sparsity is not a sparsity "
                 "policy (sparse::policy): it needs `using identifier = sparse::policy_identifier`, "
@@ -340,6 +347,9 @@ struct attention {
                      const sparsity_params& sparsity, const options& opt,
                      std::span<std::byte> workspace, Optional... outputs) {
     exec::static_check_backend<Exec>();
+    if constexpr (!std::is_same_v<typename Exec::memory_space, host_memory>) {
+      static_check_read_formats<KQuant, VQuant>();
+    }
     static_assert(std::is_same_v<typename Exec::memory_space, host_memory> ||
                       !std::is_same_v<Sparsity, sparse::block_sparse>,
                   "infuse: sparse::block_sparse decode runs on the CPU only: its max_ranges reads "

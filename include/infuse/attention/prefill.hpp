@@ -222,14 +222,15 @@ void check_prefill_arguments(const view<const float, 3, Space>& q,
   require_options(opts, call);
 }
 
-// The K and V arrangements the attention kernels read: not yet kv::per_channel keys (KIVI) or
-// kv::mixed records (ZipVL), whose scales live per page or per token flag.
+// The K and V arrangements prefill and the CUDA decode read: not yet kv::per_channel keys (KIVI)
+// or kv::mixed records (ZipVL), whose scales live per page or per token flag (decode on exec::cpu
+// reads them).
 template <class KQuant, class VQuant>
 constexpr void static_check_read_formats() {
   static_assert(!kv::is_per_channel<KQuant> && !kv::is_mixed<KQuant> && !kv::is_mixed<VQuant>,
-                "infuse: the attention kernels do not read kv::per_channel keys (KIVI) or "
-                "kv::mixed records (ZipVL) yet; kv::read_key / kv::read_value read them back; "
-                "see docs/policies.md#kivi-and-zipvl-arrangements");
+                "infuse: prefill and the CUDA decode do not read kv::per_channel keys (KIVI) or "
+                "kv::mixed records (ZipVL) yet (decode on exec::cpu does); see "
+                "docs/policies.md#kivi-and-zipvl-arrangements");
 }
 
 // Prefill attention (see the top of this file). lse is optional: an empty view writes none.

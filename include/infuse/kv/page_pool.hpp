@@ -32,6 +32,10 @@
 // it was (compare with operator==). See docs/policies.md#the-quantized-paged-kv-cache.
 #pragma once
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include <algorithm>
 #include <array>
 #include <concepts>
@@ -59,26 +63,35 @@
 
 namespace infuse::kv {
 
-namespace detail {
-
-// Cache-line aligned storage for the pages, so every region of every page (each at a multiple of
-// region_alignment) starts on a cache line.
+// Storage for pages: cache-line aligned, so every region of every page (each at a multiple of
+// region_alignment) starts on a cache line. A pool of 2 MiB or more starts on a 2 MiB boundary and
+// asks Linux for transparent huge pages: attention reads each page's head a few KiB at a time from
+// pages all over the pool, and with 4 KiB pages nearly every such run would miss the TLB.
 template <class T>
 struct page_allocator {
   using value_type = T;
+  static constexpr std::size_t huge_page = std::size_t{1} << 21;
   page_allocator() = default;
   template <class U>
   page_allocator(const page_allocator<U>&) noexcept {}  // NOLINT: rebinding is implicit
   T* allocate(std::size_t n) {
-    return static_cast<T*>(::operator new (n * sizeof(T), std::align_val_t{region_alignment}));
+    const std::size_t bytes = n * sizeof(T);
+    void* p = ::operator new (bytes, std::align_val_t{alignment(bytes)});
+#if defined(__linux__)
+    if (bytes >= huge_page) ::madvise(p, bytes & ~(huge_page - 1), MADV_HUGEPAGE);  // a hint
+#endif
+    return static_cast<T*>(p);
   }
-  void deallocate(T* p, std::size_t) noexcept {
-    ::operator delete (p, std::align_val_t{region_alignment});
+  void deallocate(T* p, std::size_t n) noexcept {
+    ::operator delete (p, std::align_val_t{alignment(n * sizeof(T))});
   }
   friend bool operator==(const page_allocator&, const page_allocator&) = default;
-};
 
-}  // namespace detail
+ private:
+  static constexpr std::size_t alignment(std::size_t bytes) {
+    return bytes >= huge_page ? huge_page : std::size_t{region_alignment};
+  }
+};
 
 // Which pages of a pool are in use: a reference count per page and a free list.
 class page_ledger {
@@ -176,7 +189,7 @@ class page_pool : public page_ledger {
   }
 
   std::int64_t page_bytes_;
-  std::vector<std::uint8_t, detail::page_allocator<std::uint8_t>> bytes_;  // (capacity, page_bytes)
+  std::vector<std::uint8_t, page_allocator<std::uint8_t>> bytes_;  // (capacity, page_bytes)
 };
 
 // A sequence of a cache, named by the id create() or fork() returned; ids are never reused.

@@ -52,6 +52,21 @@ INFUSE_HOST_DEVICE inline float page_bound(const query_context& q, std::int64_t 
   return best;
 }
 
+#if !defined(__CUDA_ARCH__)
+// Pages whose bounds the CPU requests before it reads them: the pages lie anywhere in the pool,
+// so the hardware prefetchers cannot find the next page's bounds.
+inline constexpr std::int64_t bounds_ahead = 4;
+
+// Requests the key bounds of page i of the sequence.
+inline void prefetch_bounds(const query_context& q, std::int64_t i) {
+  const std::int64_t base = (std::int64_t{q.pages[i]} * q.kv_heads + q.kv_head) * q.head_dim;
+  for (std::int32_t d = 0; d < q.head_dim; d += 16) {
+    __builtin_prefetch(q.key_min + base + d);
+    __builtin_prefetch(q.key_max + base + d);
+  }
+}
+#endif
+
 // The value of rank `k` (0 = largest) of values[0, n), reordering values: an in-place quickselect
 // that a device can run too.
 INFUSE_HOST_DEVICE inline float select_rank(float* values, std::int64_t n, std::int64_t k) {
@@ -139,7 +154,12 @@ struct quest {
     }
     float* bounds = q.scratch;
     float* ranked = q.scratch + pages;
-    for (std::int64_t i = 0; i < others; ++i) ranked[i] = bounds[i] = detail::page_bound(q, i);
+    for (std::int64_t i = 0; i < others; ++i) {
+#if !defined(__CUDA_ARCH__)
+      if (i + detail::bounds_ahead < others) detail::prefetch_bounds(q, i + detail::bounds_ahead);
+#endif
+      ranked[i] = bounds[i] = detail::page_bound(q, i);
+    }
     // With a budget of the last page alone no bound passes an infinite threshold. (One path for
     // both: an early return here crashes CUDA 13.0's device compiler.)
     const float threshold =

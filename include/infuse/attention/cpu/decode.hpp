@@ -33,6 +33,7 @@
 #include <cstring>
 #include <numbers>
 #include <span>
+#include <type_traits>
 
 #include "infuse/attention/attention.hpp"
 #include "infuse/attention/cpu/dequantize.hpp"
@@ -42,6 +43,7 @@
 #include "infuse/exec/cpu.hpp"
 #include "infuse/gemm/cpu/gemv.hpp"
 #include "infuse/kv/cache_view.hpp"
+#include "infuse/quant/none.hpp"
 #include "infuse/sparse/policy.hpp"
 
 namespace infuse::attention::cpu {
@@ -94,7 +96,7 @@ template <class S, int Stored, int Heads>
 INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const tile_records& k,
                                           std::int64_t n,
                                           const gemm::cpu::detail::int8_x_layout& query, int g0,
-                                          float* raw) {
+                                          float* raw, walk::line_stream& ahead) {
   namespace gd = gemm::cpu::detail;
   constexpr int bits = S::bits;
   constexpr int per_step = gd::step_blocks<bits>;
@@ -104,7 +106,14 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
   static_assert(tokens >= 1 && score_tile % tokens == 0, "whole blocks of tokens per tile");
   const int blocks = dims_or<Stored>(f.stored_dim()) / quant::block_size;
   const int steps = (blocks + per_step - 1) / per_step;
-  const int group_blocks = f.group_dims() / quant::block_size;
+  // The group of a block: a compile-time division (a vector of one group: group 0).
+  const auto group_of = [](int block) {
+    if constexpr (S::group > 0) {
+      return block / (S::group / quant::block_size);
+    } else {
+      return 0;
+    }
+  };
   alignas(64) static constexpr std::int32_t lane_blocks[16] = {
       gd::step_lane_block<bits>(0),  gd::step_lane_block<bits>(1),  gd::step_lane_block<bits>(2),
       gd::step_lane_block<bits>(3),  gd::step_lane_block<bits>(4),  gd::step_lane_block<bits>(5),
@@ -119,6 +128,7 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
     for (auto& a : acc) a = hn::Zero(d);
     for (int t = 0; t < steps; ++t) {
       const int present = std::min(per_step, blocks - t * per_step);
+      ahead.advance(tokens * present * S::block_bytes);
       // Each token's key scale (and zero point) per lane: its block's group's.
       __m512 key_scale[tokens];
       __m512i key_zero[tokens];
@@ -126,7 +136,7 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
         alignas(16) float scales[4] = {};
         alignas(16) std::int32_t zeros[4] = {};
         for (int b = 0; b < present; ++b) {
-          const auto p = f.group_params(k.params[j0 + i], (t * per_step + b) / group_blocks);
+          const auto p = f.group_params(k.params[j0 + i], group_of(t * per_step + b));
           scales[b] = p.scale;
           zeros[b] = static_cast<std::int32_t>(p.zero);
         }
@@ -178,7 +188,18 @@ struct thread_scratch {
   // The group's int8 query rows (options::int8_query), over the policy's scratch: select() is done
   // before the walk. Null base when the query stays float.
   gemm::cpu::detail::int8_x_layout query8{0, nullptr};
+  // A tile of keys, then one of values, read back as floats (staged formats), there too.
+  float* staged;
 };
+
+// K or V arrangements whose records a tile cannot decode one by one: kv::per_channel keys (their
+// page's scales, or the sequence's full-precision window) and kv::mixed records (High or Low by
+// the token's flag). The walk reads a tile of them back as floats (kv::read_key / read_value)
+// into the thread's scratch and scores and accumulates those as quant::none<float> vectors.
+template <class S>
+inline constexpr bool staged = kv::is_per_channel<S> || kv::is_mixed<S>;
+template <class S>
+using read_scheme = std::conditional_t<staged<S>, quant::none<float>, S>;
 
 // Rounds the group's float query rows (scratch.q) into scratch.query8.
 template <class S>
@@ -236,12 +257,9 @@ struct unit_context {
   std::int64_t length;
 };
 
-// Tiles whose records are requested ahead of the one being read.
-inline constexpr std::int64_t prefetch_tiles = 2;
-
 // The online softmax of one split-KV chunk: selected tokens [first, last) of the unit, into its
 // partial slot (group x (acc[v.stored_dim], max, sum)). Scores in base 2: log2(e) is folded in.
-// Tile by tile: the next tile's records are requested before this one is read (pages lie
+// Tile by tile: the next tile's records are requested while this one is read (pages lie
 // anywhere: the hardware prefetchers do not follow the walk).
 template <int KStored, int VStored, class Cache, class Sparsity>
 void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_range* ranges,
@@ -263,13 +281,33 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
     acc[v_stored] = -INFINITY;
     acc[v_stored + 1] = 0.0f;
   }
-  const auto prefetch_tile = [&](const std::uint8_t* page, std::int32_t slot, std::int64_t n) {
-    walk::prefetch_tile(f, page, slot, n, u.kv_head);
-  };
-  const auto tile = [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
+  // What the scoring and accumulating read: the stored records, or the staged floats.
+  using k_read = read_scheme<k_scheme>;
+  using v_read = read_scheme<v_scheme>;
+  const kv::vector_format<k_read> k_format{f.k.heads, f.k.head_dim};
+  const kv::vector_format<v_read> v_format{f.v.heads, f.v.head_dim};
+  const auto tile = [&](const walk::tile_place& here, walk::line_stream& k_ahead,
+                        walk::line_stream& v_ahead) {
+    const auto [page, slot, t, n] = here;
     tile_records k;
     tile_records v;
     walk::gather_tile(f, page, slot, n, u.kv_head, k, v);
+    const auto stage = [&](tile_records& records, float* rows, int stored, auto&& read) {
+      for (std::int64_t j = 0; j < n; ++j) read(t + j, rows + j * stored);
+      for (std::int64_t j = 0; j < score_tile; ++j) {
+        records.codes[j] = reinterpret_cast<const std::uint8_t*>(rows + std::min(j, n - 1) * stored);
+      }
+    };
+    if constexpr (staged<k_scheme>) {
+      stage(k, scratch.staged, k_stored, [&](std::int64_t token, float* out) {
+        kv::read_key(u.cache, u.sequence, token, u.kv_head, out);
+      });
+    }
+    if constexpr (staged<v_scheme>) {
+      stage(v, scratch.staged + score_tile * k_stored, v_stored, [&](std::int64_t token, float* out) {
+        kv::read_value(u.cache, u.sequence, token, u.kv_head, out);
+      });
+    }
     // Raw scores, every head of the group against each K vector.
     float* scores = scratch.scores;
     bool scored = false;
@@ -278,16 +316,17 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
       if (scratch.query8.base != nullptr) {
         walk::for_row_runs<4>(u.group, [&]<int Heads>(std::int32_t g) {
           score_heads_int8<k_scheme, KStored, Heads>(f.k, k, n, scratch.query8, g,
-                                                     scores + g * score_tile);
+                                                     scores + g * score_tile, k_ahead);
         });
         scored = true;
       }
     }
 #endif
     if (!scored) {
-      walk::for_row_runs<unpack_lanes<k_scheme>>(u.group, [&]<int Heads>(std::int32_t g) {
-        walk::score_rows<k_scheme, KStored, Heads>(
-            f.k, k, n, scratch.q + std::int64_t{g} * k_stored, k_stored, scores + g * score_tile);
+      walk::for_row_runs<unpack_lanes<k_read>>(u.group, [&]<int Heads>(std::int32_t g) {
+        walk::score_rows<k_read, KStored, Heads>(k_format, k, n,
+                                                 scratch.q + std::int64_t{g} * k_stored, k_stored,
+                                                 scores + g * score_tile, k_ahead);
       });
     }
     // Logits (-inf for tokens not visible, and past n) and each head's online softmax.
@@ -317,30 +356,10 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
       factors[g] = walk::fold_tile(s, partial + g * partial_floats, v_stored, any);
     }
     if (!any) return;
-    walk::accumulate_tile<v_scheme, VStored>(f.v, v, n, u.group, scores, factors, partial,
-                                             partial_floats);
+    walk::accumulate_tile<v_read, VStored>(v_format, v, n, u.group, scores, factors, partial,
+                                           partial_floats, v_ahead);
   };
-  // Each tile is requested prefetch_tiles tiles before it is read.
-  struct tile_place {
-    std::uint8_t* page;
-    std::int32_t slot;
-    std::int64_t t;
-    std::int64_t n;
-  };
-  tile_place pending[prefetch_tiles];
-  std::int64_t requested = 0;
-  const auto read = [&](const tile_place& p) { tile(p.page, p.slot, p.t, p.n); };
-  for_each_tile(u.cache, u.sequence, ranges, count, first, last,
-                [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
-                  prefetch_tile(page, slot, n);
-                  tile_place& place = pending[requested % prefetch_tiles];
-                  if (requested >= prefetch_tiles) read(place);
-                  place = {page, slot, t, n};
-                  ++requested;
-                });
-  for (std::int64_t i = std::max<std::int64_t>(0, requested - prefetch_tiles); i < requested; ++i) {
-    read(pending[i % prefetch_tiles]);
-  }
+  walk::for_each_tile_ahead(u.cache, u.sequence, u.kv_head, ranges, count, first, last, tile);
 }
 
 }  // namespace detail
@@ -390,6 +409,7 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
     s.select = s.factors + kv::round_up(group, 16);
     s.select_floats = plan.select_scratch_floats;
     if (int8_query) s.query8 = gemm::cpu::detail::int8_x_layout::of(s.select, k_stored);
+    s.staged = s.select;
     return s;
   };
   // The group's query rows, `stride` floats apart, zero past head_dim.

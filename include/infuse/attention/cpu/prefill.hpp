@@ -702,7 +702,9 @@ class few_query_kernel {
       return any;
     };
 
-    const auto tile = [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
+    const auto tile = [&](const walk::tile_place& here, walk::line_stream& k_ahead,
+                          walk::line_stream& v_ahead) {
+      const auto [page, slot, t, n] = here;
       bool shared = true;
       if (!mask(t, n, shared)) return;  // nobody sees these keys: never read them
       walk::tile_records k;
@@ -710,7 +712,8 @@ class few_query_kernel {
       walk::gather_tile(f, page, slot, n, u.kv_head, k, v);
       walk::for_row_runs<walk::unpack_lanes<k_scheme>>(rows, [&]<int Rows>(std::int32_t r) {
         walk::score_rows<k_scheme, KStored, Rows>(f.k, k, n, q + std::int64_t{r} * k_stored_,
-                                                  k_stored_, scores + r * score_tile);
+                                                  k_stored_, scores + r * score_tile,
+                                                  k_ahead);
       });
       bool any = false;
       for (std::int32_t r = 0; r < rows; ++r) {
@@ -730,33 +733,12 @@ class few_query_kernel {
       }
       if (!any) return;
       walk::accumulate_tile<v_scheme, VStored>(f.v, v, n, rows, scores, factors, partial,
-                                               partial_floats_);
+                                               partial_floats_, v_ahead);
     };
-    // Each tile is requested walk_ahead tiles before it is read.
-    struct tile_place {
-      std::uint8_t* page;
-      std::int32_t slot;
-      std::int64_t t;
-      std::int64_t n;
-    };
-    constexpr std::int64_t walk_ahead = 2;
-    tile_place pending[walk_ahead];
-    std::int64_t requested = 0;
     const std::int64_t first = chunk * chunk_tokens_;
     const std::int64_t last = std::min(u.selected, first + chunk_tokens_);
-    walk::for_each_tile(cache_, u.sequence, u.ranges.data(), std::ssize(u.ranges), first, last,
-                        [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
-                          walk::prefetch_tile(f, page, slot, n, u.kv_head);
-                          tile_place& place = pending[requested % walk_ahead];
-                          if (requested >= walk_ahead)
-                            tile(place.page, place.slot, place.t, place.n);
-                          place = {page, slot, t, n};
-                          ++requested;
-                        });
-    for (std::int64_t i = std::max<std::int64_t>(0, requested - walk_ahead); i < requested; ++i) {
-      const tile_place& place = pending[i % walk_ahead];
-      tile(place.page, place.slot, place.t, place.n);
-    }
+    walk::for_each_tile_ahead(cache_, u.sequence, u.kv_head, u.ranges.data(),
+                              std::ssize(u.ranges), first, last, tile);
   }
 
   // Merges the unit's chunks row by row and writes out (normalised) and lse.

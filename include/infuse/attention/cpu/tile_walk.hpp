@@ -60,6 +60,99 @@ INFUSE_FORCE_INLINE void prefetch_records(const std::uint8_t* first, std::int64_
   }
 }
 
+// The cache lines of the next tile's K (or V) records, requested while the walk reads the
+// current tile, a few lines for each few bytes it reads: the requests keep pace with the reading,
+// so the lines in flight stay within the core's miss buffers (a burst of a whole tile fills them
+// and stalls the walk), and the next tile is in L1 by the time it is read.
+class line_stream {
+ public:
+  // Adds count records of `bytes` bytes, the first at `first`, each `stride` bytes after the
+  // previous (touching records are one record).
+  INFUSE_FORCE_INLINE void add(const std::uint8_t* first, std::int64_t stride, std::int64_t count,
+                               std::int64_t bytes) {
+    if (bytes == 0 || count == 0) return;
+    if (count == 1 || stride == bytes) {
+      bytes *= count;
+      count = 1;
+    }
+    const auto start = reinterpret_cast<std::uintptr_t>(first);
+    const std::uintptr_t line_start = start & ~std::uintptr_t{63};
+    runs_[runs_count_++] = {reinterpret_cast<const std::uint8_t*>(line_start), stride, count,
+                            static_cast<std::int64_t>((start - line_start + bytes + 63) & ~std::uintptr_t{63})};
+    if (runs_count_ == 1) start_record();
+  }
+
+  // The walk read `bytes` bytes: requests as many bytes of lines.
+  INFUSE_FORCE_INLINE void advance(std::int64_t bytes) {
+    credit_ += bytes;
+    while (credit_ >= 64) {
+      if (at_ == end_ && !next_record()) {
+        credit_ = 0;
+        return;
+      }
+      hwy::Prefetch(at_);
+      at_ += 64;
+      credit_ -= 64;
+    }
+  }
+
+  // Requests every line not requested yet.
+  INFUSE_FORCE_INLINE void finish() {
+    do {
+      for (; at_ != end_; at_ += 64) hwy::Prefetch(at_);
+    } while (next_record());
+  }
+
+ private:
+  struct run {
+    const std::uint8_t* first;
+    std::int64_t stride;
+    std::int64_t count;
+    std::int64_t line_bytes;  // of each record, whole lines
+  };
+
+  void start_record() {
+    const run& r = runs_[run_];
+    at_ = r.first + record_ * r.stride;
+    end_ = at_ + r.line_bytes;
+  }
+
+  // Moves to the next record (of this run or the next): false when none is left.
+  bool next_record() {
+    if (run_ == runs_count_) return false;
+    if (++record_ == runs_[run_].count) {
+      record_ = 0;
+      if (++run_ == runs_count_) return false;
+    }
+    start_record();
+    return true;
+  }
+
+  const std::uint8_t* at_ = nullptr;  // the next line to request, of the record ending at end_
+  const std::uint8_t* end_ = nullptr;
+  std::int64_t credit_ = 0;
+  run runs_[2];
+  int runs_count_ = 0;
+  int run_ = 0;
+  std::int64_t record_ = 0;
+};
+
+// The lines of the K records (codes, then params) and of the V records of KV head h in slots
+// slot .. slot + n - 1 of a page, as two streams.
+template <class Format>
+INFUSE_FORCE_INLINE void tile_streams(const Format& f, const std::uint8_t* page, std::int32_t slot,
+                                      std::int64_t n, std::int32_t h, line_stream& k,
+                                      line_stream& v) {
+  const auto records = [&](line_stream& stream, auto&& at, std::int64_t bytes) {
+    const std::uint8_t* first = at(slot);
+    stream.add(first, n > 1 ? at(slot + 1) - first : bytes, n, bytes);
+  };
+  records(k, [&](std::int32_t i) { return f.k_codes(page, i, h); }, f.k.code_bytes());
+  records(k, [&](std::int32_t i) { return f.k_params(page, i, h); }, f.k.param_bytes());
+  records(v, [&](std::int32_t i) { return f.v_codes(page, i, h); }, f.v.code_bytes());
+  records(v, [&](std::int32_t i) { return f.v_params(page, i, h); }, f.v.param_bytes());
+}
+
 // Requests the K and V records (codes and params) of KV head h in slots slot .. slot + n - 1 of
 // a page.
 template <class Format>
@@ -131,6 +224,47 @@ void for_each_tile(const Cache& cache, std::int32_t s, const sparse::token_range
   });
 }
 
+// Where a tile lies: tokens t .. t + n - 1 in slots slot .. of a page.
+struct tile_place {
+  std::uint8_t* page;
+  std::int32_t slot;
+  std::int64_t t;
+  std::int64_t n;
+};
+
+// for_each_tile for KV head h, calling visit(place, k_ahead, v_ahead) one tile late: the streams
+// hold the lines of the next tile (empty for the last), for the visit to request as it reads.
+// Whatever it leaves is requested after it returns.
+template <class Cache, class Visit>
+void for_each_tile_ahead(const Cache& cache, std::int32_t s, std::int32_t h,
+                         const sparse::token_range* ranges, std::int64_t count, std::int64_t first,
+                         std::int64_t last, Visit&& visit) {
+  tile_place previous{};
+  bool started = false;
+  const auto read = [&](const tile_place* next) {
+    line_stream k_ahead;
+    line_stream v_ahead;
+    if (next != nullptr) {
+      tile_streams(cache.format, next->page, next->slot, next->n, h, k_ahead, v_ahead);
+    }
+    visit(previous, k_ahead, v_ahead);
+    k_ahead.finish();
+    v_ahead.finish();
+  };
+  for_each_tile(cache, s, ranges, count, first, last,
+                [&](std::uint8_t* page, std::int32_t slot, std::int64_t t, std::int64_t n) {
+                  const tile_place place{page, slot, t, n};
+                  if (started) {
+                    read(&place);
+                  } else {
+                    prefetch_tile(cache.format, page, slot, n, h);  // its first lines, at least
+                  }
+                  previous = place;
+                  started = true;
+                });
+  if (started) read(nullptr);
+}
+
 // A tile's stored vectors: records of token j of the tile (past the tile's last token, the last
 // token's, so that whole register blocks of tokens read valid memory).
 struct tile_records {
@@ -181,7 +315,7 @@ inline constexpr int unpack_lanes = static_cast<int>(hn::MaxLanes(gemm::cpu::flo
 template <class S, int Stored, int Rows>
 INFUSE_FORCE_INLINE void score_rows(const kv::vector_format<S>& f, const tile_records& k,
                                     std::int64_t n, const float* q, std::int64_t q_stride,
-                                    float* raw) {
+                                    float* raw, line_stream& ahead) {
   using tag = gemm::cpu::float_tag<S>;
   const tag d;
   constexpr int lanes = unpack_lanes<S>;
@@ -199,6 +333,7 @@ INFUSE_FORCE_INLINE void score_rows(const kv::vector_format<S>& f, const tile_re
         p[t] = f.group_params(k.params[j0 + t], b * quant::block_size / group_dims);
         block[t] = k.codes[j0 + t] + std::int64_t{b} * S::block_bytes;
       }
+      ahead.advance(tokens * S::block_bytes);
       for (int c = 0; c < quant::block_size; c += lanes) {
         hn::Vec<tag> key[tokens];
         for (int t = 0; t < tokens; ++t) {
@@ -227,7 +362,7 @@ template <class S, int Stored, int Rows>
 INFUSE_FORCE_INLINE void accumulate_rows(const kv::vector_format<S>& f, const tile_records& v,
                                          const std::int32_t* needed, int count,
                                          const float* weights, const float* factors, float* acc,
-                                         std::int64_t acc_stride) {
+                                         std::int64_t acc_stride, line_stream& ahead) {
   using tag = gemm::cpu::float_tag<S>;
   const tag d;
   constexpr int lanes = unpack_lanes<S>;
@@ -250,6 +385,7 @@ INFUSE_FORCE_INLINE void accumulate_rows(const kv::vector_format<S>& f, const ti
       const std::uint8_t* block = v.codes[j] + block_at;
       const auto v0 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p);
       const auto v1 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c + lanes, p);
+      ahead.advance(S::block_bytes * 2 * lanes / quant::block_size);
       for (int r = 0; r < Rows; ++r) {
         const auto w = hn::Set(d, weights[r * score_tile + j]);
         sum[r][0] = hn::MulAdd(w, v0, sum[r][0]);
@@ -338,8 +474,8 @@ INFUSE_FORCE_INLINE float fold_tile(float* s, float* acc, int v_stored, bool& an
 template <class S, int VStored>
 INFUSE_FORCE_INLINE void accumulate_tile(const kv::vector_format<S>& f, const tile_records& v,
                                          std::int64_t n, std::int32_t rows, const float* weights,
-                                         const float* factors, float* acc,
-                                         std::int64_t acc_stride) {
+                                         const float* factors, float* acc, std::int64_t acc_stride,
+                                         line_stream& ahead) {
   std::int32_t needed[score_tile];
   int count = 0;
   for (std::int32_t j = 0; j < n; ++j) {
@@ -349,7 +485,7 @@ INFUSE_FORCE_INLINE void accumulate_tile(const kv::vector_format<S>& f, const ti
   }
   for_row_runs<4>(rows, [&]<int Rows>(std::int32_t r) {
     accumulate_rows<S, VStored, Rows>(f, v, needed, count, weights + r * score_tile, factors + r,
-                                      acc + r * acc_stride, acc_stride);
+                                      acc + r * acc_stride, acc_stride, ahead);
   });
 }
 
