@@ -91,19 +91,6 @@ struct prefill_body<recording_backend> {
 
 namespace {
 
-#define CHECK_REJECTS(name, call)      \
-  do {                                 \
-    bool thrown = false;               \
-    try {                              \
-      call;                            \
-    } catch (const infuse::error& e) { \
-      thrown = true;                   \
-      INFO(e.what());                  \
-      CHECK(e.argument() == (name));   \
-    }                                  \
-    CHECK(thrown);                     \
-  } while (false)
-
 using layout = kv::paged<16>;
 using f32 = quant::none<float>;
 using attn = attention::attention<layout, f32, f32, sparse::window>;

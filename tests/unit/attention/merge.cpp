@@ -32,7 +32,6 @@ TEST_CASE("decode over two halves, merged, equals decode over the whole") {
   const std::int64_t batch = 4, heads = 8, dim = 128;
   const auto q = rng.normals(batch * heads * dim);
   const infuse::exec::cpu exec(2);
-  const host_view<const float, 3> qv(q.data(), {batch, heads, dim});
   // Blocks of 32 tokens: the even ones in the first part, the odd ones in the second.
   std::vector<float> outs[2], lses[2];
   for (int part = 0; part < 2; ++part) {
@@ -45,17 +44,14 @@ TEST_CASE("decode over two halves, merged, equals decode over the whole") {
     const sparse::block_sparse::params p{32, 4, indptr.data(), indices.data()};
     outs[part].resize(batch * heads * dim);
     lses[part].resize(batch * heads);
-    std::vector<std::byte> ws(
-        static_cast<std::size_t>(attn::decode_workspace_bytes(exec, heads, st.view(), p)));
-    attn::decode(exec, qv, st.view(), host_view<float, 3>(outs[part].data(), {batch, heads, dim}),
-                 p, {}, ws,
-                 attention::lse_output{host_view<float, 2>(lses[part].data(), {batch, heads})});
+    infuse::test::run_decode<attn>(
+        exec, q, st.view(), outs[part], heads, p, {},
+        attention::lse_output{host_view<float, 2>(lses[part].data(), {batch, heads})});
   }
   std::vector<float> whole(batch * heads * dim), whole_lse(batch * heads);
-  std::vector<std::byte> ws(
-      static_cast<std::size_t>(dense::decode_workspace_bytes(exec, heads, st.view(), {})));
-  dense::decode(exec, qv, st.view(), host_view<float, 3>(whole.data(), {batch, heads, dim}), {}, {},
-                ws, attention::lse_output{host_view<float, 2>(whole_lse.data(), {batch, heads})});
+  infuse::test::run_decode<dense>(
+      exec, q, st.view(), whole, heads, {}, {},
+      attention::lse_output{host_view<float, 2>(whole_lse.data(), {batch, heads})});
 
   std::vector<float> merged(batch * heads * dim), merged_lse(batch * heads);
   const host_view<const float, 3> parts[2] = {{outs[0].data(), {batch, heads, dim}},

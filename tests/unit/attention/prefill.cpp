@@ -1,3 +1,7 @@
+// attention::prefill on the CPU, paged NHD layout: every K/V scheme under every sparsity against
+// the float64 reference on both walks of the body, the options, mixed K/V schemes, queries that
+// see nothing, the key bounds it keeps, and its argument checks. prefill_hnd.cpp and
+// prefill_contiguous.cpp run the same checks on the other layouts.
 #include "infuse/attention/cpu/prefill.hpp"
 
 #include <doctest/doctest.h>
@@ -14,29 +18,9 @@
 #include "infuse/sparse/dense.hpp"
 #include "infuse/sparse/tree.hpp"
 #include "prefill_store.hpp"
-#include "reference/attention.hpp"
 #include "support/random.hpp"
 
 namespace {
-
-// The logit of a (query head, query, key) pair from the raw dot product: scale, then the soft cap
-// cap * tanh(s / cap) when cap > 0, then ALiBi slope[h] * (key_position - query_position).
-struct logit_rule {
-  double scale;
-  double soft_cap = 0.0;
-  const float* alibi_slopes = nullptr;
-  std::int64_t first_query_position = 0;  // position of query 0; key i is at position i
-
-  double operator()(double dot, std::int32_t q_head, std::int64_t query, std::int64_t key) const {
-    double s = dot * scale;
-    if (soft_cap > 0.0) s = soft_cap * std::tanh(s / soft_cap);
-    if (alibi_slopes != nullptr) {
-      s += static_cast<double>(alibi_slopes[q_head]) *
-           static_cast<double>(key - (first_query_position + query));
-    }
-    return s;
-  }
-};
 
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
@@ -44,53 +28,12 @@ namespace sparse = infuse::sparse;
 namespace attention = infuse::attention;
 using infuse::half;
 using infuse::host_view;
+using infuse::test::check_prefill;
+using infuse::test::prefill_path;
+using infuse::test::prefill_problem;
 using infuse::test::prefill_store;
 using infuse::test::seeded_rng;
-
-// One batch: per sequence the tokens already cached and the new ones; the head shape.
-struct problem {
-  std::vector<std::int64_t> prefix;
-  std::vector<std::int64_t> fresh;
-  std::int32_t kv_heads;
-  std::int32_t group;
-  std::int32_t k_dim;
-  std::int32_t v_dim;
-  attention::options options{};
-};
-
-// A random token tree per sequence (the parent of new token i is an earlier new token): each
-// row sees its ancestors and itself.
-struct tree_mask {
-  std::vector<std::uint32_t> words;
-  std::vector<std::int64_t> offsets{0};
-
-  sparse::tree::params build(seeded_rng& rng, const std::vector<std::int32_t>& q_indptr) {
-    const auto batch = static_cast<std::int32_t>(q_indptr.size() - 1);
-    for (std::int32_t b = 0; b < batch; ++b) {
-      const std::int64_t n =
-          q_indptr[static_cast<std::size_t>(b) + 1] - q_indptr[static_cast<std::size_t>(b)];
-      const std::int64_t stride = sparse::tree::row_words(n);
-      const std::size_t base = words.size();
-      words.resize(base + static_cast<std::size_t>(sparse::tree::mask_words(n)), 0u);
-      std::vector<std::int64_t> parent(static_cast<std::size_t>(n), -1);
-      for (std::int64_t i = 0; i < n; ++i) {
-        if (i > 0) parent[static_cast<std::size_t>(i)] = rng.integer(0, i - 1);
-        for (std::int64_t a = i; a >= 0; a = parent[static_cast<std::size_t>(a)]) {
-          words[base + static_cast<std::size_t>(i * stride + a / 32)] |= 1u << (a % 32);
-        }
-      }
-      offsets.push_back(static_cast<std::int64_t>(words.size()));
-    }
-    return {words.data(), offsets.data(), q_indptr.data(), batch};
-  }
-};
-
-template <class Policy>
-struct policy_params {
-  typename Policy::params build(seeded_rng&, const std::vector<std::int32_t>&) { return {}; }
-};
-template <>
-struct policy_params<sparse::tree> : tree_mask {};
+using infuse::test::tree_mask;
 
 // Queries at positions that are multiples of 3 see nothing: their output is 0, their lse -inf.
 struct blind_thirds {
@@ -108,181 +51,51 @@ struct blind_thirds {
   }
 };
 static_assert(sparse::policy<blind_thirds>);
-template <>
-struct policy_params<blind_thirds> {
-  blind_thirds::params build(seeded_rng&, const std::vector<std::int32_t>&) { return {}; }
-};
-
-// Runs prefill on random inputs and checks the cache bytes (new records equal encode() of the
-// inputs, nothing else changed), the outputs and the lse against the float64 reference over the
-// stored keys and values.
-template <class Layout, class K, class V, class Policy>
-void check_prefill(seeded_rng& rng, const problem& p, int threads = 0) {
-  const auto batch = static_cast<std::int32_t>(p.prefix.size());
-  std::vector<std::int64_t> lengths;
-  std::vector<std::int32_t> q_indptr{0};
-  for (std::int32_t b = 0; b < batch; ++b) {
-    lengths.push_back(p.prefix[static_cast<std::size_t>(b)] + p.fresh[static_cast<std::size_t>(b)]);
-    q_indptr.push_back(q_indptr.back() +
-                       static_cast<std::int32_t>(p.fresh[static_cast<std::size_t>(b)]));
-  }
-  CAPTURE(Policy::name);
-  CAPTURE(p.kv_heads);
-  CAPTURE(p.group);
-  CAPTURE(p.k_dim);
-  CAPTURE(p.v_dim);
-  prefill_store<Layout, K, V> store(rng, lengths, p.kv_heads, p.k_dim, p.v_dim);
-  for (std::int32_t b = 0; b < batch; ++b)
-    store.fill_prefix(rng, b, p.prefix[static_cast<std::size_t>(b)]);
-
-  const std::int64_t total = q_indptr.back();
-  const std::int32_t q_heads = p.kv_heads * p.group;
-  const auto q = rng.normals(static_cast<std::size_t>(total * q_heads * p.k_dim));
-  const auto k = rng.normals(static_cast<std::size_t>(total * p.kv_heads * p.k_dim));
-  const auto v = rng.normals(static_cast<std::size_t>(total * p.kv_heads * p.v_dim));
-  std::vector<float> out(static_cast<std::size_t>(total * q_heads * p.v_dim), NAN);
-  std::vector<float> lse(static_cast<std::size_t>(total * q_heads), NAN);
-  policy_params<Policy> maker;
-  const auto params = maker.build(rng, q_indptr);
-
-  std::vector<std::uint8_t> expected = store.bytes();
-  for (std::int32_t b = 0; b < batch; ++b) {
-    for (std::int32_t i = q_indptr[static_cast<std::size_t>(b)];
-         i < q_indptr[static_cast<std::size_t>(b) + 1]; ++i) {
-      const std::int64_t position =
-          lengths[static_cast<std::size_t>(b)] - (q_indptr[static_cast<std::size_t>(b) + 1] - i);
-      store.records_equal(b, position, &k[static_cast<std::size_t>(i) * p.kv_heads * p.k_dim],
-                          &v[static_cast<std::size_t>(i) * p.kv_heads * p.v_dim], &expected);
-    }
-  }
-
-  attention::prefill<Layout, K, V, Policy>(
-      infuse::exec::cpu(threads), host_view<const float, 3>(q.data(), {total, q_heads, p.k_dim}),
-      host_view<const float, 3>(k.data(), {total, p.kv_heads, p.k_dim}),
-      host_view<const float, 3>(v.data(), {total, p.kv_heads, p.v_dim}),
-      host_view<const std::int32_t, 1>(q_indptr.data(), {batch + 1}), store.view(),
-      host_view<float, 3>(out.data(), {total, q_heads, p.v_dim}), params, p.options,
-      host_view<float, 2>(lse.data(), {total, q_heads}));
-
-  CHECK(store.bytes() == expected);
-  const double scale = p.options.scale != 0.0f ? p.options.scale : 1.0 / std::sqrt(double(p.k_dim));
-  double worst_out = 0.0;
-  double worst_lse = 0.0;
-  for (std::int32_t b = 0; b < batch; ++b) {
-    const std::int64_t first = q_indptr[static_cast<std::size_t>(b)];
-    const std::int64_t n = q_indptr[static_cast<std::size_t>(b) + 1] - first;
-    if (n == 0) continue;
-    const std::int64_t length = lengths[static_cast<std::size_t>(b)];
-    const std::int64_t new_begin = length - n;
-    std::vector<double> qd(q.begin() + first * q_heads * p.k_dim,
-                           q.begin() + (first + n) * q_heads * p.k_dim);
-    const logit_rule logit{scale, p.options.soft_cap, p.options.alibi_slopes,
-                                              new_begin};
-    const auto ref = infuse::reference::attention(
-        {n, length, q_heads, p.kv_heads, p.k_dim, p.v_dim}, qd, store.stored_keys(b),
-        store.stored_values(b),
-        [&](double dot, std::int64_t i, std::int64_t h, std::int64_t j) {
-          return logit(dot, static_cast<std::int32_t>(h), i, j);
-        },
-        [&](std::int64_t i, std::int64_t j) {
-          return Policy::visible(params, sparse::mask_context{b, new_begin + i, j, new_begin});
-        });
-    for (std::size_t e = 0; e < ref.out.size(); ++e) {
-      const double got = out[static_cast<std::size_t>(first * q_heads * p.v_dim) + e];
-      worst_out = std::max(worst_out, std::isfinite(got) ? std::fabs(got - ref.out[e]) : INFINITY);
-    }
-    for (std::size_t e = 0; e < ref.lse.size(); ++e) {
-      const double got = lse[static_cast<std::size_t>(first * q_heads) + e];
-      if (ref.lse[e] == -INFINITY) {
-        worst_lse = std::max(worst_lse, got == -INFINITY ? 0.0 : INFINITY);
-      } else {
-        worst_lse = std::max(worst_lse, std::isfinite(got) ? std::fabs(got - ref.lse[e]) /
-                                                                 (1.0 + std::fabs(ref.lse[e]))
-                                                           : INFINITY);
-      }
-    }
-  }
-  // Values are N(0, 1), outputs their convex combinations: float rounding of sums of a few
-  // hundred terms.
-  CHECK(worst_out <= 2e-5);
-  CHECK(worst_lse <= 2e-6);
-}
-
-using paged_hnd = kv::paged<16, kv::hnd>;
-
-template <class Layout, class Scheme>
-struct config {
-  using layout = Layout;
-  using scheme = Scheme;
-};
-
-#define INFUSE_PREFILL_CONFIGS(L)                              \
-  config<L, quant::none<float>>, config<L, quant::none<half>>, \
-      config<L, quant::int_<8, quant::per_channel>>, config<L, quant::int_<4, 32>>
-
-template <class Layout, class Scheme, class Policy>
-void check_shapes(seeded_rng& rng) {
-  std::int64_t page = 16;
-  if constexpr (Layout::is_paged) page = Layout::page_size;
-  // Group 1, head dim 64: a single new token, new tokens from a page boundary, an empty
-  // sequence, a few hundred new tokens after a random prefix.
-  check_prefill<Layout, Scheme, Scheme, Policy>(
-      rng, {{0, page, 0, rng.integer(1, 60)}, {1, page, 0, 200}, 2, 1, 64, 64});
-  // Group 4, head dim 128; group 7, head dim 80 for keys and 64 for values.
-  check_prefill<Layout, Scheme, Scheme, Policy>(
-      rng, {{rng.integer(1, 40), 0}, {page + 1, 33}, 1, 4, 128, 128});
-  check_prefill<Layout, Scheme, Scheme, Policy>(rng,
-                                                {{rng.integer(0, 40), 3}, {20, 1}, 2, 7, 80, 64});
-}
 
 }  // namespace
 
 TEST_CASE_TEMPLATE(
-    "attention::prefill matches float64 attention over the stored K/V, and stores "
+    "attention::prefill, paged NHD: matches float64 attention over the stored K/V, and stores "
     "the new K/V as encode() does",
-    Config, INFUSE_PREFILL_CONFIGS(kv::paged<16>), INFUSE_PREFILL_CONFIGS(paged_hnd),
-    INFUSE_PREFILL_CONFIGS(kv::paged<1>), INFUSE_PREFILL_CONFIGS(kv::contiguous<>)) {
-  using layout = typename Config::layout;
-  using scheme = typename Config::scheme;
+    Config, INFUSE_PREFILL_COMBINATIONS(kv::paged<16>)) {
   INFUSE_RANDOM(rng);
-  SUBCASE("dense") {
-    check_shapes<layout, scheme, sparse::dense>(rng);
-  }
-  SUBCASE("causal") {
-    check_shapes<layout, scheme, sparse::causal>(rng);
-  }
-  SUBCASE("tree") {
-    check_shapes<layout, scheme, sparse::tree>(rng);
-  }
+  infuse::test::check_prefill_shapes<Config>(rng);
 }
 
 TEST_CASE("attention::prefill applies the scale, the soft cap and ALiBi as the reference does") {
   INFUSE_RANDOM(rng);
   std::vector<float> slopes(14);
   for (auto& slope : slopes) slope = static_cast<float>(rng.uniform(-0.2, 0.0));
-  problem p{{rng.integer(0, 40), 5}, {70, 9}, 2, 7, 64, 64};
-  p.options.scale = 0.3f;
-  p.options.soft_cap = 2.5f;
-  p.options.alibi_slopes = slopes.data();
-  check_prefill<kv::paged<16>, quant::none<float>, quant::none<float>, sparse::causal>(rng, p);
-  p.options.soft_cap = 0.0f;
-  check_prefill<kv::contiguous<>, quant::none<half>, quant::none<half>, sparse::dense>(rng, p, 1);
+  for (const prefill_path path : {prefill_path::tiles, prefill_path::few_queries}) {
+    const bool few = path == prefill_path::few_queries;
+    prefill_problem p{{rng.integer(0, 40), 5}, {few ? 4 : 70, few ? 1 : 9}, 2, 7, 64, 64, path};
+    p.options.scale = 0.3f;
+    p.options.soft_cap = 2.5f;
+    p.options.alibi_slopes = slopes.data();
+    check_prefill<kv::paged<16>, quant::none<float>, quant::none<float>, sparse::causal>(rng, p);
+    p.options.soft_cap = 0.0f;
+    check_prefill<kv::paged<16>, quant::none<half>, quant::none<half>, sparse::dense>(rng, p, 1);
+  }
 }
 
+// prefill_hnd.cpp runs int8 keys with int4 values.
 TEST_CASE("attention::prefill: K and V schemes may differ; one thread gives the same checks") {
   INFUSE_RANDOM(rng);
-  using keys = quant::int_<8, quant::per_channel>;
-  using values = quant::int_<4, 32>;
-  check_prefill<kv::paged<16, kv::hnd>, keys, values, sparse::causal>(
-      rng, {{rng.integer(0, 40), 0}, {40, 7}, 2, 2, 96, 256}, 1);
-  check_prefill<kv::paged<16>, quant::none<half>, quant::none<float>, sparse::tree>(
-      rng, {{3, 17}, {33, 64}, 1, 16, 64, 32});
+  using keys = quant::none<half>;
+  using values = quant::none<float>;
+  check_prefill<kv::paged<16>, keys, values, sparse::tree>(
+      rng, {{3, 17}, {33, 64}, 1, 16, 64, 32, prefill_path::tiles});
+  check_prefill<kv::paged<16>, keys, values, sparse::tree>(
+      rng, {{3, 170}, {2, 1}, 1, 16, 64, 32, prefill_path::few_queries}, 1);
 }
 
 TEST_CASE("attention::prefill: a query that sees no key gets out = 0 and lse = -inf") {
   INFUSE_RANDOM(rng);
-  check_prefill<kv::paged<16>, quant::none<float>, quant::none<float>, blind_thirds>(
-      rng, {{0, rng.integer(1, 30)}, {40, 20}, 1, 3, 64, 64});
+  for (const prefill_path path : {prefill_path::tiles, prefill_path::few_queries}) {
+    const std::int64_t second = path == prefill_path::tiles ? 20 : 5;
+    check_prefill<kv::paged<16>, quant::none<float>, quant::none<float>, blind_thirds>(
+        rng, {{0, rng.integer(1, 30)}, {10, second}, 1, 3, 64, 64, path});
+  }
 }
 
 TEST_CASE("attention::prefill recomputes the key bounds of the pages it writes") {
@@ -439,4 +252,16 @@ TEST_CASE("attention::prefill rejects bad arguments before writing anything") {
             c.run<sparse::tree>(other_mask.build(c.rng, other));
           });
   spoiled([](bad_input_call& c) { c.options.soft_cap = -1.0f; }, "options.soft_cap");
+}
+
+TEST_CASE("attention::prefill takes the few-query path up to 16 new tokens and 32 rows a KV head") {
+  const auto takes = [](std::vector<std::int32_t> q_indptr, std::int32_t group) {
+    return attention::cpu::detail::takes_few_query_path(
+        host_view<const std::int32_t, 1>(q_indptr.data(), {std::int64_t(q_indptr.size())}),
+        static_cast<std::int32_t>(q_indptr.size() - 1), group);
+  };
+  CHECK(takes({0, 16, 17}, 2));
+  CHECK(takes({0, 5}, 4));
+  CHECK_FALSE(takes({0, 17}, 1));
+  CHECK_FALSE(takes({0, 1, 10}, 4));
 }

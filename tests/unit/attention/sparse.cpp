@@ -25,6 +25,7 @@ using infuse::half;
 using infuse::host_view;
 using infuse::test::check_decode;
 using infuse::test::make_store;
+using infuse::test::run_decode;
 using infuse::test::selection_mask;
 
 using f16 = quant::none<half>;
@@ -147,11 +148,8 @@ TEST_CASE("recycled reads the recorded top-K and the tokens appended since") {
   const std::vector<float> q = rng.normals(2 * 4 * 64);
   std::vector<float> out(2 * 4 * 64), weights(2 * 4 * 50);
   policy::params full{0, states.data()};
-  std::vector<std::byte> workspace(
-      static_cast<std::size_t>(attn::decode_workspace_bytes(exec, 4, st.view(), full)));
-  attn::decode(exec, host_view<const float, 3>(q.data(), {2, 4, 64}), st.view(),
-               host_view<float, 3>(out.data(), {2, 4, 64}), full, {}, workspace,
-               attention::token_weights{host_view<float, 3>(weights.data(), {2, 4, 50})});
+  run_decode<attn>(exec, q, st.view(), out, 4, full, {},
+                   attention::token_weights{host_view<float, 3>(weights.data(), {2, 4, 50})});
   const std::vector<std::int64_t> recorded_lengths = lengths;
   policy::record(full, host_view<const float, 3>(weights.data(), {2, 4, 50}),
                  recorded_lengths.data(), 2);
@@ -190,12 +188,9 @@ TEST_CASE("token weights add into the cache's mass") {
   const std::vector<float> q = rng.normals(2 * 6 * 64);
   std::vector<float> out(2 * 6 * 64), weights(2 * 6 * 70);
   const sparse::window::params window{2, 30};
-  std::vector<std::byte> workspace(
-      static_cast<std::size_t>(attn::decode_workspace_bytes(exec, 6, st.view(), window)));
-  attn::decode(exec, host_view<const float, 3>(q.data(), {2, 6, 64}), st.view(),
-               host_view<float, 3>(out.data(), {2, 6, 64}), window, {}, workspace,
-               attention::token_weights{host_view<float, 3>(weights.data(), {2, 6, 70})},
-               attention::accumulate_mass{});
+  run_decode<attn>(exec, q, st.view(), out, 6, window, {},
+                   attention::token_weights{host_view<float, 3>(weights.data(), {2, 6, 70})},
+                   attention::accumulate_mass{});
   const auto cache = st.view();
   for (std::int32_t s = 0; s < 2; ++s) {
     for (std::int32_t h = 0; h < 2; ++h) {
@@ -208,19 +203,6 @@ TEST_CASE("token weights add into the cache's mass") {
     }
   }
 }
-
-#define CHECK_REJECTS(name, call)      \
-  do {                                 \
-    bool thrown = false;               \
-    try {                              \
-      call;                            \
-    } catch (const infuse::error& e) { \
-      thrown = true;                   \
-      INFO(e.what());                  \
-      CHECK(e.argument() == (name));   \
-    }                                  \
-    CHECK(thrown);                     \
-  } while (false)
 
 TEST_CASE("policies reject bad parameters, and quest a cache without key bounds") {
   INFUSE_RANDOM(rng);
@@ -244,8 +226,7 @@ TEST_CASE("policies reject bad parameters, and quest a cache without key bounds"
   cache.key_min = nullptr;
   const infuse::exec::cpu exec(1);
   std::vector<float> q(64), out(64);
-  std::vector<std::byte> workspace(
-      static_cast<std::size_t>(attn::decode_workspace_bytes(exec, 1, st.view(), {})));
+  std::vector<std::byte> workspace = infuse::test::decode_workspace<attn>(exec, 1, st.view(), {});
   CHECK_REJECTS("cache.key_min",
                 attn::decode(exec, host_view<const float, 3>(q.data(), {1, 1, 64}), cache,
                              host_view<float, 3>(out.data(), {1, 1, 64}), {}, {}, workspace));

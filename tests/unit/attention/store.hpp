@@ -140,16 +140,58 @@ kv_store<Layout, KScheme, VScheme> make_store(seeded_rng& rng,
 
 // ---- one decode call against the float64 reference ----------------------------------------------
 
+#include <doctest/doctest.h>
+
 #include <cmath>
 #include <cstddef>
 #include <span>
 
 #include "infuse/attention/attention.hpp"
 #include "infuse/attention/cpu/decode.hpp"
+#include "infuse/core/error.hpp"
+#include "infuse/sparse/dense.hpp"
 #include "reference/attention.hpp"
 #include "reference/compare.hpp"
 
+// Runs `call` and checks that it throws infuse::error naming the argument `name`.
+#define CHECK_REJECTS(name, call)      \
+  do {                                 \
+    bool thrown = false;               \
+    try {                              \
+      call;                            \
+    } catch (const infuse::error& e) { \
+      thrown = true;                   \
+      INFO(e.what());                  \
+      CHECK(e.argument() == (name));   \
+    }                                  \
+    CHECK(thrown);                     \
+  } while (false)
+
 namespace infuse::test {
+
+// A workspace of the size Attention's decode asks for.
+template <class Attention>
+std::vector<std::byte> decode_workspace(const exec::cpu& exec, std::int64_t q_heads,
+                                        const typename Attention::cache_type& cache,
+                                        const typename Attention::sparsity_params& params) {
+  return std::vector<std::byte>(
+      static_cast<std::size_t>(Attention::decode_workspace_bytes(exec, q_heads, cache, params)));
+}
+
+// One Attention::decode on the CPU with the workspace it asks for: q is (sequences, q_heads,
+// k head_dim), out (sequences, q_heads, v head_dim); `optional` are the call's optional outputs.
+template <class Attention, class... Optional>
+void run_decode(const exec::cpu& exec, const std::vector<float>& q,
+                const typename Attention::cache_type& cache, std::vector<float>& out,
+                std::int64_t q_heads, const typename Attention::sparsity_params& params,
+                const attention::options& opt, const Optional&... optional) {
+  const std::int64_t batch = cache.sequences();
+  std::vector<std::byte> workspace = decode_workspace<Attention>(exec, q_heads, cache, params);
+  Attention::decode(
+      exec, host_view<const float, 3>(q.data(), {batch, q_heads, cache.format.k.head_dim}), cache,
+      host_view<float, 3>(out.data(), {batch, q_heads, cache.format.v.head_dim}), params, opt,
+      workspace, optional...);
+}
 
 // The tokens Sparsity's select() gives sequence s's query for KV head h, as a mask: what the
 // kernel must read, computed on the host the way the kernel asks for it.
@@ -161,8 +203,7 @@ std::vector<char> selection_mask(Store& st, const typename Sparsity::params& par
   const std::int64_t length = cache.length(s);
   std::vector<char> mask(static_cast<std::size_t>(length), 0);
   if (length == 0) return mask;
-  sparse::query_context c =
-      attention::decode_query_context(cache, s, h, group, scale, &s);
+  sparse::query_context c = attention::decode_query_context(cache, s, h, group, scale, &s);
   c.q = q_group;
   std::vector<float> scratch(static_cast<std::size_t>(4 * (length + 1)));
   c.scratch = scratch.data();
@@ -203,12 +244,8 @@ void check_decode(seeded_rng& rng, const decode_shape& shape,
   std::vector<float> out(static_cast<std::size_t>(batch * q_heads * dim), NAN);
   std::vector<float> lse(static_cast<std::size_t>(batch * q_heads), NAN);
   std::vector<float> weights(static_cast<std::size_t>(batch * q_heads * longest), NAN);
-  const exec::cpu exec(threads);
-  std::vector<std::byte> workspace(
-      static_cast<std::size_t>(attn::decode_workspace_bytes(exec, q_heads, cache, params)));
-  attn::decode(
-      exec, host_view<const float, 3>(q.data(), {batch, q_heads, dim}), cache,
-      host_view<float, 3>(out.data(), {batch, q_heads, dim}), params, opt, workspace,
+  run_decode<attn>(
+      exec::cpu(threads), q, cache, out, q_heads, params, opt,
       attention::lse_output{host_view<float, 2>(lse.data(), {batch, q_heads})},
       attention::token_weights{host_view<float, 3>(weights.data(), {batch, q_heads, longest})});
 
@@ -259,6 +296,31 @@ void check_decode(seeded_rng& rng, const decode_shape& shape,
       }
     }
   }
+}
+
+// A layout, K and V schemes, and the policy of check_decode_shapes' long sequences: sparse::causal
+// on a configuration or two per layout, dense elsewhere (each policy is a decode body of its own,
+// and the bodies are what the tests' build time goes into).
+template <class Layout, class K, class V = K, class LongPolicy = sparse::dense>
+struct decode_config {
+  using layout = Layout;
+  using k = K;
+  using v = V;
+  using long_policy = LongPolicy;
+};
+
+// The shapes every decode configuration runs: lengths 0 and 1, page boundaries; groups 4, 7, 8
+// and 1; head dims 64, 96 and 128 (compiled ones) and 80 (generic); a sequence long enough for
+// two split-KV chunks; one thread.
+template <class Config>
+void check_decode_shapes(seeded_rng& rng) {
+  using L = typename Config::layout;
+  using K = typename Config::k;
+  using V = typename Config::v;
+  check_decode<sparse::dense, L, K, V>(rng, {{0, 1, 15, 16, 17, 33}, 8, 2, 64}, {});
+  check_decode<sparse::dense, L, K, V>(rng, {{40, 1}, 7, 1, 80}, {});
+  check_decode<typename Config::long_policy, L, K, V>(rng, {{100, 600}, 16, 2, 128}, {});
+  check_decode<sparse::dense, L, K, V>(rng, {{70, 3}, 3, 3, 96}, {}, {}, 1);
 }
 
 }  // namespace infuse::test
