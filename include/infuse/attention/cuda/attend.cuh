@@ -147,6 +147,37 @@ struct walk_context {
   view<float, 3, device_memory> weights;
 };
 
+// The merge of the warps' states (warp_max, warp_sum, warp_acc over the first v_stored dims of
+// each warp) into warp 0's. Every thread of the CTA calls it after the states are written; it
+// ends with a barrier.
+template <int KBound, int VBound, int Rows>
+INFUSE_DEVICE void merge_warps(shared_rows<KBound, VBound, Rows>& shared, int v_stored) {
+  __syncthreads();
+  for (int e = static_cast<int>(threadIdx.x); e < Rows * v_stored; e += threads_per_cta) {
+    const int r = e / v_stored;
+    const int d = e % v_stored;
+    softmax_state<log_base::two> state{shared.warp_max[0][r], shared.warp_sum[0][r]};
+    float merged = shared.warp_acc[0][r][d];
+    for (int w = 1; w < warps_per_cta; ++w) {
+      const softmax_rescale factors = state.merge({shared.warp_max[w][r], shared.warp_sum[w][r]});
+      merged = merged * factors.previous + factors.incoming * shared.warp_acc[w][r][d];
+    }
+    shared.warp_acc[0][r][d] = merged;
+  }
+  __syncthreads();
+  // The maxima and sums last: every thread above read warp 0's before they change.
+  if (threadIdx.x < static_cast<unsigned>(Rows)) {
+    const int r = static_cast<int>(threadIdx.x);
+    softmax_state<log_base::two> state{shared.warp_max[0][r], shared.warp_sum[0][r]};
+    for (int w = 1; w < warps_per_cta; ++w) {
+      state.merge({shared.warp_max[w][r], shared.warp_sum[w][r]});
+    }
+    shared.warp_max[0][r] = state.max;
+    shared.warp_sum[0][r] = state.sum;
+  }
+  __syncthreads();
+}
+
 // The CTA's walk over selected tokens [first, last): every warp's online softmax over its tiles,
 // then the merge of the warps into shared.warp_acc[0], warp_max[0], warp_sum[0] (acc over the
 // stored V dims). Every thread of the CTA calls it; it ends with a barrier.
@@ -292,31 +323,7 @@ INFUSE_DEVICE void walk(const walk_context<Cache, Sparsity>& c,
       shared.warp_acc[warp][r][b * quant::block_size + lane] = acc[r][b];
     }
   }
-  __syncthreads();
-  const int v_stored = f.v.stored_dim();
-  for (int e = static_cast<int>(threadIdx.x); e < Rows * v_stored; e += threads_per_cta) {
-    const int r = e / v_stored;
-    const int d = e % v_stored;
-    softmax_state<log_base::two> state{shared.warp_max[0][r], shared.warp_sum[0][r]};
-    float merged = shared.warp_acc[0][r][d];
-    for (int w = 1; w < warps_per_cta; ++w) {
-      const softmax_rescale factors = state.merge({shared.warp_max[w][r], shared.warp_sum[w][r]});
-      merged = merged * factors.previous + factors.incoming * shared.warp_acc[w][r][d];
-    }
-    shared.warp_acc[0][r][d] = merged;
-  }
-  __syncthreads();
-  // Every thread reads the merged maxima and sums: the same merge, once per row.
-  if (threadIdx.x < static_cast<unsigned>(Rows)) {
-    const int r = static_cast<int>(threadIdx.x);
-    softmax_state<log_base::two> state{shared.warp_max[0][r], shared.warp_sum[0][r]};
-    for (int w = 1; w < warps_per_cta; ++w) {
-      state.merge({shared.warp_max[w][r], shared.warp_sum[w][r]});
-    }
-    shared.warp_max[0][r] = state.max;
-    shared.warp_sum[0][r] = state.sum;
-  }
-  __syncthreads();
+  merge_warps(shared, f.v.stored_dim());
 }
 
 // shared.q[r] = scale * the query row row_pointer(r) (head_dim floats), zeros past head_dim; all

@@ -22,7 +22,7 @@
 //            a token no row weighs is not added (no 0 * NaN).
 // At the end the groups of a warp merge by butterfly as softmax states, the warps through shared
 // memory (merge_warps), into shared.warp_acc[0], warp_max[0], warp_sum[0], as the walk of
-// attention/cuda/attend.cuh leaves them.
+// attention/cuda/attend.cuh (which both share merge_warps from) leaves them.
 //
 // It takes the schemes whose 16 bytes of codes hold whole dims in order (sliced_walk_takes):
 // quant::none, quant::fp8 and 8-bit quant::int_ (a slice is part of a block), and every scheme of
@@ -176,37 +176,6 @@ struct token_slices {
     }
   }
 };
-
-// The merge of the warps' states (warp_max, warp_sum, warp_acc over the first v_stored dims of
-// each warp) into warp 0's. Every thread of the CTA calls it after the states are written; it
-// ends with a barrier.
-template <int KBound, int VBound, int Rows>
-INFUSE_DEVICE void merge_warps(shared_rows<KBound, VBound, Rows>& shared, int v_stored) {
-  __syncthreads();
-  for (int e = static_cast<int>(threadIdx.x); e < Rows * v_stored; e += threads_per_cta) {
-    const int r = e / v_stored;
-    const int d = e % v_stored;
-    softmax_state<log_base::two> state{shared.warp_max[0][r], shared.warp_sum[0][r]};
-    float merged = shared.warp_acc[0][r][d];
-    for (int w = 1; w < warps_per_cta; ++w) {
-      const softmax_rescale factors = state.merge({shared.warp_max[w][r], shared.warp_sum[w][r]});
-      merged = merged * factors.previous + factors.incoming * shared.warp_acc[w][r][d];
-    }
-    shared.warp_acc[0][r][d] = merged;
-  }
-  __syncthreads();
-  // The maxima and sums last: every thread above read warp 0's before they change.
-  if (threadIdx.x < static_cast<unsigned>(Rows)) {
-    const int r = static_cast<int>(threadIdx.x);
-    softmax_state<log_base::two> state{shared.warp_max[0][r], shared.warp_sum[0][r]};
-    for (int w = 1; w < warps_per_cta; ++w) {
-      state.merge({shared.warp_max[w][r], shared.warp_sum[w][r]});
-    }
-    shared.warp_max[0][r] = state.max;
-    shared.warp_sum[0][r] = state.sum;
-  }
-  __syncthreads();
-}
 
 // The CTA's walk over selected tokens [first, last) for rows 0 .. active_rows - 1 of shared
 // (their queries loaded by load_rows; rows from active_rows on are not computed and end empty).
