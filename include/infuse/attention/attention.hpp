@@ -290,8 +290,8 @@ struct decode_planner<exec::cpu> {
 
 template <class Layout, class KQuant, class VQuant, class Sparsity = sparse::dense>
 struct attention {
-  static_assert((quant::scheme<KQuant> || kv::is_per_channel<KQuant> || kv::is_mixed<KQuant>) &&
-                    (quant::scheme<VQuant> || kv::is_mixed<VQuant>),
+  static_assert((quant::scheme<KQuant> || kv::is_per_channel<KQuant> ||
+                 kv::is_mixed<KQuant>)&&(quant::scheme<VQuant> || kv::is_mixed<VQuant>),
                 "infuse: attention<Layout, KQuant, VQuant, Sparsity> takes quantization schemes "
                 "for K and V (or the arrangements kv::per_channel<S> for K and kv::mixed<High, "
                 "Low> for either); see docs/policies.md#quantization-schemes");

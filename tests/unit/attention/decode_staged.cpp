@@ -100,8 +100,8 @@ void check_staged(infuse::test::seeded_rng& rng, std::int32_t dim, std::int32_t 
       }
       std::vector<char> selected(static_cast<std::size_t>(length), 0);
       if (length > 0) {
-        sparse::query_context context = attention::decode_query_context(
-            view, s, h, group, static_cast<float>(scale), &s);
+        sparse::query_context context =
+            attention::decode_query_context(view, s, h, group, static_cast<float>(scale), &s);
         context.q = &q[(s * q_heads + h * group) * dim];
         std::vector<float> scratch(static_cast<std::size_t>(4 * (length + 1)));
         context.scratch = scratch.data();
@@ -143,13 +143,13 @@ using kivi_nhd = config<kv::paged<16, kv::nhd>, kv::per_channel<int2_channel>, i
 using kivi_hnd = config<kv::paged<16, kv::hnd>, kv::per_channel<int8_channel>, int4_g32>;
 using zipvl = config<kv::paged<16, kv::hnd>, kv::mixed<int8_channel, int2_g32>,
                      kv::mixed<int8_channel, int2_g32>>;
-using zipvl_values = config<kv::paged<16, kv::nhd>, quant::none<infuse::half>,
-                            kv::mixed<int8_channel, int4_g32>>;
+using zipvl_values =
+    config<kv::paged<16, kv::nhd>, quant::none<infuse::half>, kv::mixed<int8_channel, int4_g32>>;
 
 }  // namespace
 
-TEST_CASE_TEMPLATE("decode reads KIVI and ZipVL arrangements as stored", Config, kivi_nhd,
-                   kivi_hnd, zipvl, zipvl_values) {
+TEST_CASE_TEMPLATE("decode reads KIVI and ZipVL arrangements as stored", Config, kivi_nhd, kivi_hnd,
+                   zipvl, zipvl_values) {
   infuse::test::seeded_rng rng;
   for (const std::int32_t dim : {64, 80}) {
     for (const std::int32_t group : {1, 4, 7}) {

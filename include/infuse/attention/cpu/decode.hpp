@@ -295,7 +295,8 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
     const auto stage = [&](tile_records& records, float* rows, int stored, auto&& read) {
       for (std::int64_t j = 0; j < n; ++j) read(t + j, rows + j * stored);
       for (std::int64_t j = 0; j < score_tile; ++j) {
-        records.codes[j] = reinterpret_cast<const std::uint8_t*>(rows + std::min(j, n - 1) * stored);
+        records.codes[j] =
+            reinterpret_cast<const std::uint8_t*>(rows + std::min(j, n - 1) * stored);
       }
     };
     if constexpr (staged<k_scheme>) {
@@ -304,9 +305,10 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
       });
     }
     if constexpr (staged<v_scheme>) {
-      stage(v, scratch.staged + score_tile * k_stored, v_stored, [&](std::int64_t token, float* out) {
-        kv::read_value(u.cache, u.sequence, token, u.kv_head, out);
-      });
+      stage(v, scratch.staged + score_tile * k_stored, v_stored,
+            [&](std::int64_t token, float* out) {
+              kv::read_value(u.cache, u.sequence, token, u.kv_head, out);
+            });
     }
     // Raw scores, every head of the group against each K vector.
     float* scores = scratch.scores;

@@ -712,8 +712,7 @@ class few_query_kernel {
       walk::gather_tile(f, page, slot, n, u.kv_head, k, v);
       walk::for_row_runs<walk::unpack_lanes<k_scheme>>(rows, [&]<int Rows>(std::int32_t r) {
         walk::score_rows<k_scheme, KStored, Rows>(f.k, k, n, q + std::int64_t{r} * k_stored_,
-                                                  k_stored_, scores + r * score_tile,
-                                                  k_ahead);
+                                                  k_stored_, scores + r * score_tile, k_ahead);
       });
       bool any = false;
       for (std::int32_t r = 0; r < rows; ++r) {
@@ -737,8 +736,8 @@ class few_query_kernel {
     };
     const std::int64_t first = chunk * chunk_tokens_;
     const std::int64_t last = std::min(u.selected, first + chunk_tokens_);
-    walk::for_each_tile_ahead(cache_, u.sequence, u.kv_head, u.ranges.data(),
-                              std::ssize(u.ranges), first, last, tile);
+    walk::for_each_tile_ahead(cache_, u.sequence, u.kv_head, u.ranges.data(), std::ssize(u.ranges),
+                              first, last, tile);
   }
 
   // Merges the unit's chunks row by row and writes out (normalised) and lse.

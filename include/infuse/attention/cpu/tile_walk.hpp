@@ -77,8 +77,9 @@ class line_stream {
     }
     const auto start = reinterpret_cast<std::uintptr_t>(first);
     const std::uintptr_t line_start = start & ~std::uintptr_t{63};
-    runs_[runs_count_++] = {reinterpret_cast<const std::uint8_t*>(line_start), stride, count,
-                            static_cast<std::int64_t>((start - line_start + bytes + 63) & ~std::uintptr_t{63})};
+    runs_[runs_count_++] = {
+        reinterpret_cast<const std::uint8_t*>(line_start), stride, count,
+        static_cast<std::int64_t>((start - line_start + bytes + 63) & ~std::uintptr_t{63})};
     if (runs_count_ == 1) start_record();
   }
 
@@ -147,10 +148,14 @@ INFUSE_FORCE_INLINE void tile_streams(const Format& f, const std::uint8_t* page,
     const std::uint8_t* first = at(slot);
     stream.add(first, n > 1 ? at(slot + 1) - first : bytes, n, bytes);
   };
-  records(k, [&](std::int32_t i) { return f.k_codes(page, i, h); }, f.k.code_bytes());
-  records(k, [&](std::int32_t i) { return f.k_params(page, i, h); }, f.k.param_bytes());
-  records(v, [&](std::int32_t i) { return f.v_codes(page, i, h); }, f.v.code_bytes());
-  records(v, [&](std::int32_t i) { return f.v_params(page, i, h); }, f.v.param_bytes());
+  records(
+      k, [&](std::int32_t i) { return f.k_codes(page, i, h); }, f.k.code_bytes());
+  records(
+      k, [&](std::int32_t i) { return f.k_params(page, i, h); }, f.k.param_bytes());
+  records(
+      v, [&](std::int32_t i) { return f.v_codes(page, i, h); }, f.v.code_bytes());
+  records(
+      v, [&](std::int32_t i) { return f.v_params(page, i, h); }, f.v.param_bytes());
 }
 
 // Requests the K and V records (codes and params) of KV head h in slots slot .. slot + n - 1 of
