@@ -56,7 +56,6 @@ namespace detail {
 // (attention/cpu/tile_walk.hpp).
 using walk::for_each_span;
 using walk::for_each_tile;
-using walk::prefetch_records;
 using walk::sanitize_ranges;
 using walk::scaled_logits;
 using walk::sum_rows;

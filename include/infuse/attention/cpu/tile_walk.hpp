@@ -4,8 +4,9 @@
 //
 //   sanitize_ranges      a policy's ranges clipped to the sequence, ascending and disjoint
 //   for_each_tile        runs of at most score_tile tokens of one page, over selected ranges
-//   prefetch_records     requests a tile's records before it is read (pages lie anywhere: the
-//                        hardware prefetchers do not follow the walk)
+//   for_each_tile_ahead  the same, one tile late, with line streams of the next tile for the
+//                        read to request as it goes (pages lie anywhere: the hardware
+//                        prefetchers do not follow the walk)
 //   score_rows           raw q·k of Rows rows against a tile's K vectors, each chunk of each K
 //                        vector unpacked in registers once for all the rows
 //   accumulate_rows      acc_r = acc_r * factor_r + sum_j w_rj v_j, each chunk of each V vector
@@ -38,27 +39,6 @@ namespace infuse::attention::cpu::walk {
 namespace hn = hwy::HWY_NAMESPACE;
 using detail::dims_or;
 using detail::float_tag;
-
-// Lines requested at the start of each contiguous run of records ahead of the walk: enough to
-// start the hardware's stream prefetcher on the run (pages lie anywhere, so it cannot find the
-// next run itself), which then fetches the rest; requesting every line holds the core's few L1
-// miss buffers.
-inline constexpr std::int64_t lead_lines = 2;
-
-// Asks for the first cache lines of n records of `bytes` bytes, the first at `first` and each
-// `stride` bytes after the previous: of the one run when they touch (a head's records in hnd
-// pages), else of each record.
-INFUSE_FORCE_INLINE void prefetch_records(const std::uint8_t* first, std::int64_t stride,
-                                          std::int64_t n, std::int64_t bytes) {
-  const bool one_run = n == 1 || stride == bytes;
-  const std::int64_t runs = one_run ? 1 : n;
-  const std::int64_t run_bytes = std::min(lead_lines * 64, one_run ? n * bytes : bytes);
-  for (std::int64_t j = 0; j < runs; ++j) {
-    for (std::int64_t line = 0; line < run_bytes; line += 64) {
-      hwy::Prefetch(first + j * stride + line);
-    }
-  }
-}
 
 // The cache lines of the next tile's K (or V) records, requested while the walk reads the
 // current tile, a few lines for each few bytes it reads: the requests keep pace with the reading,
@@ -158,22 +138,6 @@ INFUSE_FORCE_INLINE void tile_streams(const Format& f, const std::uint8_t* page,
       v, [&](std::int32_t i) { return f.v_params(page, i, h); }, f.v.param_bytes());
 }
 
-// Requests the K and V records (codes and params) of KV head h in slots slot .. slot + n - 1 of
-// a page.
-template <class Format>
-INFUSE_FORCE_INLINE void prefetch_tile(const Format& f, const std::uint8_t* page, std::int32_t slot,
-                                       std::int64_t n, std::int32_t h) {
-  const auto records = [&](auto&& at, std::int64_t bytes) {
-    if (bytes == 0) return;
-    const std::uint8_t* first = at(slot);
-    prefetch_records(first, n > 1 ? at(slot + 1) - first : bytes, n, bytes);
-  };
-  records([&](std::int32_t i) { return f.k_codes(page, i, h); }, f.k.code_bytes());
-  records([&](std::int32_t i) { return f.k_params(page, i, h); }, f.k.param_bytes());
-  records([&](std::int32_t i) { return f.v_codes(page, i, h); }, f.v.code_bytes());
-  records([&](std::int32_t i) { return f.v_params(page, i, h); }, f.v.param_bytes());
-}
-
 // Clips a policy's ranges to [0, length), drops empty ones and any that do not come after the
 // previous one: what the walk reads is always inside the sequence. Returns the new count.
 inline std::int64_t sanitize_ranges(sparse::token_range* ranges, std::int64_t count,
@@ -262,7 +226,12 @@ void for_each_tile_ahead(const Cache& cache, std::int32_t s, std::int32_t h,
                   if (started) {
                     read(&place);
                   } else {
-                    prefetch_tile(cache.format, page, slot, n, h);  // its first lines, at least
+                    // The first tile's lines all at once: nothing is read while they come.
+                    line_stream k_first;
+                    line_stream v_first;
+                    tile_streams(cache.format, page, slot, n, h, k_first, v_first);
+                    k_first.finish();
+                    v_first.finish();
                   }
                   previous = place;
                   started = true;
