@@ -139,6 +139,12 @@ struct decode_body {
 // sparsity, length_of, longest), sequence s taken as length_of(s) tokens long, none longer than
 // `longest`; the plan's `bytes` is the workspace size. Specialized below for exec::cpu and in
 // attention/cuda/decode.cuh for exec::cuda.
+// K or V arrangements whose records a tile cannot decode one by one: kv::per_channel keys (their
+// page's scales, or the sequence's full-precision window) and kv::mixed records (High or Low by
+// the token's flag). The CPU walk stages a tile of them as floats in its scratch.
+template <class S>
+inline constexpr bool staged = kv::is_per_channel<S> || kv::is_mixed<S>;
+
 template <class Exec>
 struct decode_planner {
   static_assert(always_false<Exec>,
@@ -248,11 +254,10 @@ decode_workspace_layout plan_decode_workspace(int threads, std::int64_t q_heads,
   // int8 query rows (options::int8_query) or the walk's staged tile reuse once select() is done.
   const std::int64_t k_stored = cache.format.k.stored_dim();
   const std::int64_t int8_query_floats = (gemm::int8_workspace_bytes(group, k_stored) + 3) / 4;
-  // kv::per_channel keys and kv::mixed records: a tile of keys and one of values read back as
-  // floats, there too.
-  const std::int64_t staged_floats =
-      score_tile * (k_stored + cache.format.v.stored_dim()) *
-      (kv::is_per_channel<KQuant> || kv::is_mixed<KQuant> || kv::is_mixed<VQuant> ? 1 : 0);
+  // Staged K or V: a tile of keys and one of values read back as floats, there too.
+  const std::int64_t staged_floats = detail::staged<KQuant> || detail::staged<VQuant>
+                                         ? score_tile * (k_stored + cache.format.v.stored_dim())
+                                         : 0;
   w.scratch_floats =
       kv::round_up(group * k_stored + group * score_tile + kv::round_up(group, 16) +
                        std::max({w.select_scratch_floats, int8_query_floats, staged_floats}),

@@ -191,12 +191,10 @@ struct thread_scratch {
   float* staged;
 };
 
-// K or V arrangements whose records a tile cannot decode one by one: kv::per_channel keys (their
-// page's scales, or the sequence's full-precision window) and kv::mixed records (High or Low by
-// the token's flag). The walk reads a tile of them back as floats (kv::read_key / read_value)
-// into the thread's scratch and scores and accumulates those as quant::none<float> vectors.
-template <class S>
-inline constexpr bool staged = kv::is_per_channel<S> || kv::is_mixed<S>;
+// The walk reads a tile of staged K or V (attention.hpp) back as floats (kv::read_key /
+// read_value) into the thread's scratch and scores and accumulates those as quant::none<float>
+// vectors.
+using infuse::attention::detail::staged;
 template <class S>
 using read_scheme = std::conditional_t<staged<S>, quant::none<float>, S>;
 
