@@ -1,9 +1,13 @@
 // infuse::gemv on CUDA: y = W x for Llama-sized W (4096x4096, 14336x4096, 4096x14336; n x k) and
 // batch 1, 4, 16, per scheme, and batch 64 for int4 g128 (batch 16 and up run on the tensor-core
-// body, gemm/cuda/gemm_tc.cuh), after an L2 flush, timed with CUDA events. The anchor
+// body, gemm/cuda/gemm_tc.cuh), after an L2 flush, timed with CUDA events. Rows named
+// gemv.SCHEME.x_half / .x_bf16 take x in half / bfloat16 (the anchor's x type; W x in float all
+// the same); gemv.bcq3_g128.lut is the LUT-GEMV (gemm::lut_activations, gemm/cuda/lut.cuh) beside
+// the same weights dequantized (gemv.bcq3_g128). The anchor
 // gemv.anchor_cublas/CASE is cuBLAS's cublasGemmEx on the same shape in half precision (half W,
 // x and y, float accumulation). GB/s counts the bytes that must move: W's codes, scales and zero
-// points, x and y, once each; roofline divides by gpu::measured_bandwidth().read_gbps.
+// points, x (in its own type) and y, once each; roofline divides by
+// gpu::measured_bandwidth().read_gbps.
 // Each row checks sampled outputs against a float64 product on the host after its timed loop.
 #include <benchmark/benchmark.h>
 #include <cublas_v2.h>
@@ -14,9 +18,12 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#include "infuse/cuda.cuh"
+#include "infuse/exec/cuda.cuh"
+#include "infuse/gemm/cuda/gemv.cuh"
+#include "infuse/quant/quant.hpp"
 #include "support/gpu.cuh"
 #include "support/gpu_bandwidth.cuh"
 #include "support/harness.hpp"
@@ -125,31 +132,43 @@ double sampled_error(shape s, const std::vector<float>& x, const std::vector<flo
   return worst;
 }
 
-template <class S>
+// y = W x with x of type X (float, half, bfloat16) and the activation policy; the reference takes
+// x as the kernel reads it, rounded to X.
+template <class S, class X = float, class Activations = infuse::gemm::float_activations>
 void gemv(benchmark::State& state) {
   const shape s = shape_of(state);
   const bench_matrix<S> w(s.rows, s.cols);
-  const std::vector<float> x = make_x(s);
-  const device_buffer<float> x_device{std::span<const float>(x)};
+  std::vector<X> x_stored;
+  std::vector<float> x;
+  for (const float value : make_x(s)) {
+    x_stored.push_back(X(value));
+    x.push_back(float(x_stored.back()));
+  }
+  const device_buffer<X> x_device{std::span<const X>(x_stored)};
   device_buffer<float> y_device(s.batch * s.rows);
   const gpu::owned_stream stream;
   const infuse::exec::cuda exec(stream);
-  const device_view<const float, 2> xv(x_device.data(), {s.batch, s.cols});
+  const device_view<const X, 2> xv(x_device.data(), {s.batch, s.cols});
   const device_view<float, 2> yv(y_device.data(), {s.batch, s.rows});
-  infuse::gemv(exec, w.device, xv, yv);  // warm-up: module load, first-launch costs
+  const auto product = [&] { infuse::gemv(exec, w.device, xv, yv, {}, Activations{}); };
+  product();  // warm-up: module load, first-launch costs
   exec.synchronize();
-  gpu::time_iterations(state, stream, [&] { infuse::gemv(exec, w.device, xv, yv); });
+  gpu::time_iterations(state, stream, product);
   const double error = sampled_error(s, x, y_device.to_host(),
                                      [&](std::int64_t n, std::int64_t k) { return w.host(n, k); });
-  // The tensor-core body rounds x and the weights to half: 2^-11 each, plus float sums.
+  // The tensor-core body rounds x and the weights to half: 2^-11 each, plus float sums. The LUT's
+  // rounding is relative to (|offset| + sum |alpha|) |x|, a few times sum |w x| for this W.
   namespace body = infuse::gemm::cuda::detail;
-  const bool half_operands = body::tensor_core_scheme<S> && s.batch >= body::tensor_core_min_batch;
-  if (!(error <= (half_operands ? 0x1p-10 + 1e-5 : 1e-6))) {
+  const bool lut = std::is_same_v<Activations, infuse::gemm::lut_activations>;
+  const bool half_operands =
+      !lut && body::tensor_core_scheme<S> && s.batch >= body::tensor_core_min_batch;
+  if (!(error <= (half_operands ? 0x1p-10 + 1e-5 : lut ? 1e-5 : 1e-6))) {
     bench::report_error(state, "sampled outputs off the float64 product by " +
                                    std::to_string(error) + " of sum |w x|");
   }
   const double bytes = double(quant::storage_bytes<S>(s.rows, s.cols)) +
-                       4.0 * double(s.batch) * double(s.cols + s.rows);
+                       double(sizeof(X)) * double(s.batch) * double(s.cols) +
+                       4.0 * double(s.batch) * double(s.rows);
   bench::set_bytes(state, bytes, gpu::measured_bandwidth().read_gbps);
   bench::set_flops(state, 2.0 * double(s.rows) * double(s.cols) * double(s.batch));
 }
@@ -229,9 +248,20 @@ void tensor_core_cases(benchmark::internal::Benchmark* benchmark) {
   benchmark->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
-template <class S>
-void register_scheme() {
-  benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(), gemv<S>)->Apply(cases);
+template <class S, class X = float, class Activations = infuse::gemm::float_activations>
+void register_scheme(const std::string& suffix = "") {
+  benchmark::RegisterBenchmark((std::string("gemv.") + S::name + suffix).c_str(),
+                               gemv<S, X, Activations>)
+      ->Apply(cases);
+}
+
+// The LUT-GEMV pays at batch 1 and 2 (gemm/cuda/lut.cuh): batch 1 and 2 only.
+void lut_cases(benchmark::internal::Benchmark* benchmark) {
+  benchmark->ArgNames({"n", "k", "batch"});
+  for (const auto& [n, k] : {std::pair<int, int>{4096, 4096}, {14336, 4096}, {4096, 14336}}) {
+    for (const int batch : {1, 2}) benchmark->Args({n, k, batch});
+  }
+  benchmark->UseManualTime()->Unit(benchmark::kMicrosecond);
 }
 
 const bool registered = [] {
@@ -242,6 +272,15 @@ const bool registered = [] {
   register_scheme<quant::int_<2, 64>>();
   register_scheme<quant::fp8<infuse::fp8_e4m3, quant::per_channel>>();
   register_scheme<quant::none<infuse::half>>();
+  register_scheme<quant::int_<4, 128>, infuse::half>(".x_half");
+  register_scheme<quant::int_<4, 128>, infuse::bfloat16>(".x_bf16");
+  register_scheme<quant::none<infuse::half>, infuse::half>(".x_half");
+  using bcq3_g128 = quant::bcq<3, 128>;
+  benchmark::RegisterBenchmark((std::string("gemv.") + bcq3_g128::name).c_str(), gemv<bcq3_g128>)
+      ->Apply(lut_cases);
+  benchmark::RegisterBenchmark((std::string("gemv.") + bcq3_g128::name + ".lut").c_str(),
+                               gemv<bcq3_g128, float, infuse::gemm::lut_activations>)
+      ->Apply(lut_cases);
   benchmark::RegisterBenchmark("gemv.anchor_cublas", anchor_cublas)->Apply(cases);
   using int4_g128 = quant::int_<4, 128>;
   benchmark::RegisterBenchmark((std::string("gemv.") + int4_g128::name).c_str(), gemv<int4_g128>)

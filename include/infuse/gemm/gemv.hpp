@@ -22,7 +22,11 @@
 // dequantized weights with the dequantized x (s_b q_k); against float x it adds at most
 // sum_k |W(n,k)| * s_b(k) / 2, the rounding of x. x must be finite.
 //
-// The bodies: gemm/cpu/gemv.hpp (exec::cpu); the CUDA body goes to gemm/cuda/.
+// On CUDA x may also be half or bfloat16 (a device_view<const half, 2> or <const bfloat16, 2>):
+// each value is converted to float as it is read, exactly, so the products, their sums and y are
+// float. gemm::lut_activations on CUDA builds its tables in shared memory and takes no workspace.
+//
+// The bodies: gemm/cpu/gemv.hpp (exec::cpu); gemm/cuda/gemv.cuh (exec::cuda).
 #pragma once
 
 #include <cmath>
@@ -32,6 +36,7 @@
 
 #include "infuse/core/concepts.hpp"
 #include "infuse/core/error.hpp"
+#include "infuse/core/float_types.hpp"
 #include "infuse/core/view.hpp"
 #include "infuse/quant/bcq.hpp"
 #include "infuse/quant/int.hpp"
@@ -90,8 +95,9 @@ constexpr std::int64_t int8_workspace_bytes(std::int64_t batch, std::int64_t k) 
 
 // x as lookup tables for quant::bcq weights (LUT-GEMM): for every 8 inputs the 256 sums of +/-x_j
 // over the sign patterns, so that each byte of a weight bit plane indexes its partial sum and no
-// weight is dequantized. The workspace is the caller's, at least lut_workspace_bytes(batch, k)
-// bytes, 4-byte aligned, not shared with a concurrent call. CPU only.
+// weight is dequantized. CPU: the workspace is the caller's, at least lut_workspace_bytes(batch, k)
+// bytes, 4-byte aligned, not shared with a concurrent call. CUDA: the tables of each chunk of x
+// are built in shared memory; the workspace is not used and may be null.
 struct lut_activations {
   void* workspace = nullptr;
   std::int64_t bytes = 0;
@@ -126,6 +132,18 @@ template <class Activations>
 inline constexpr const char* workspace_function =
     std::is_same_v<Activations, int8_activations> ? "int8_workspace_bytes" : "lut_workspace_bytes";
 
+// Whether the body of this memory space reads the activation workspace: the CUDA tables live in
+// shared memory.
+template <class Activations, class Space>
+inline constexpr bool needs_activation_workspace =
+    !std::is_same_v<Activations, float_activations> &&
+    !(std::is_same_v<Activations, lut_activations> && std::is_same_v<Space, device_memory>);
+
+// The element types x may have besides float: half and bfloat16, on CUDA.
+template <class X>
+concept narrow_activation = std::is_same_v<std::remove_const_t<X>, half> ||
+    std::is_same_v<std::remove_const_t<X>, bfloat16>;
+
 template <class S>
 inline constexpr bool is_integer_scheme = false;
 template <int Bits, int Group, class Zero>
@@ -144,8 +162,8 @@ struct gemv_body {
 }  // namespace detail
 
 // The host checks of gemv's arguments; throws infuse::error naming the first wrong one.
-template <class S, class Space>
-void check_gemv_arguments(const quant::matrix<S, Space>& w, const view<const float, 2, Space>& x,
+template <class S, class Space, class X>
+void check_gemv_arguments(const quant::matrix<S, Space>& w, const view<const X, 2, Space>& x,
                           const view<float, 2, Space>& y) {
   constexpr std::string_view call = "infuse::gemv";
   quant::require_matrix(w, call, "w");
@@ -162,8 +180,9 @@ void check_gemv_arguments(const quant::matrix<S, Space>& w, const view<const flo
           "a pointer aligned to " + std::to_string(code_alignment) + " bytes");
   require(reinterpret_cast<std::uintptr_t>(w.scales) % alignof(float) == 0, call, "w.scales",
           static_cast<const void*>(w.scales), "a pointer aligned to 4 bytes");
-  require(reinterpret_cast<std::uintptr_t>(x.data()) % alignof(float) == 0, call, "x.data()",
-          static_cast<const void*>(x.data()), "a pointer aligned to 4 bytes");
+  require(reinterpret_cast<std::uintptr_t>(x.data()) % alignof(X) == 0, call, "x.data()",
+          static_cast<const void*>(x.data()),
+          "a pointer aligned to " + std::to_string(alignof(X)) + " bytes");
   require(reinterpret_cast<std::uintptr_t>(y.data()) % alignof(float) == 0, call, "y.data()",
           static_cast<const void*>(y.data()), "a pointer aligned to 4 bytes");
 }
@@ -203,7 +222,7 @@ void check_fused_arguments(const quant::matrix<S, Space>&, std::int64_t batch, s
       }
     }
   }
-  if constexpr (!std::is_same_v<Activations, float_activations>) {
+  if constexpr (detail::needs_activation_workspace<Activations, Space>) {
     const std::string sizing = std::string(detail::workspace_function<Activations>) + "(batch, k)";
     const std::int64_t needed = detail::activation_workspace_bytes<Activations>(batch, k);
     require(activations.workspace != nullptr, call, "activations.workspace", activations.workspace,
@@ -231,41 +250,44 @@ constexpr void static_check_activations() {
                 "bit planes index the tables; see docs/policies.md#quantized-gemv");
 }
 
-// y(b, n) = sum_k W(n, k) x(b, k), then the epilogue of `options`: w (n,k), x (batch,k),
-// y (batch,n); x and y need a contiguous last dimension, any row stride.
-template <class Exec, class S, class Space, class Activations = float_activations>
-void gemv(const Exec& exec, const quant::matrix<S, Space>& w,
-          std::type_identity_t<view<const float, 2, Space>> x,  // (batch,k)
-          std::type_identity_t<view<float, 2, Space>> y,        // (batch,n)
-          const gemv_options& options = {}, Activations activations = {}) {
+// Half and bfloat16 x: CUDA only (device memory).
+template <class Space>
+constexpr void static_check_narrow_activations() {
+  static_assert(std::is_same_v<Space, device_memory>,
+                "infuse: the CPU gemv takes float x; half and bfloat16 x are for the CUDA gemv; "
+                "see docs/policies.md#quantized-gemv");
+}
+
+namespace detail {
+
+// gemv for any element type of x; gemv's overloads below pick it.
+template <class Exec, class S, class Space, class X, class Activations>
+void gemv_entry(const Exec& exec, const quant::matrix<S, Space>& w, view<const X, 2, Space> x,
+                view<float, 2, Space> y, const gemv_options& options, Activations activations) {
   quant::static_check_scheme<S>();
-  static_check_view<Exec, 2, view<const float, 2, Space>>();
+  static_check_view<Exec, 2, view<const X, 2, Space>>();
   static_check_activations<S, Activations>();
   check_gemv_arguments(w, x, y);
   if constexpr (std::is_same_v<Activations, float_activations>) {
     if (options.bias == nullptr && options.residual == nullptr && options.activation == act::none &&
         options.input_order == nullptr) {
-      detail::gemv_body<Exec>::run(exec, w, x, y, options);
+      gemv_body<Exec>::run(exec, w, x, y, options);
       return;
     }
   }
   check_fused_arguments(w, x.extent(0), w.rows, w.cols, options, activations, "infuse::gemv");
-  detail::gemv_body<Exec>::run_fused(exec, w, static_cast<const quant::matrix<S, Space>*>(nullptr),
-                                     x, y, options, act::none, activations);
+  gemv_body<Exec>::run_fused(exec, w, static_cast<const quant::matrix<S, Space>*>(nullptr), x, y,
+                             options, act::none, activations);
 }
 
-// y(b, n) = gate((W_gate x)(b, n)) * (W_up x)(b, n) + residual, both weights in one pass:
-// w_gate and w_up (n,k) of the same scheme, x (batch,k), y (batch,n). gate is act::silu (SwiGLU),
-// act::gelu (GeGLU) or act::none (bilinear); options.bias and options.activation must be unset.
-template <class Exec, class S, class Space, class Activations = float_activations>
-void gated_gemv(const Exec& exec, const quant::matrix<S, Space>& w_gate,
-                const quant::matrix<S, Space>& w_up,
-                std::type_identity_t<view<const float, 2, Space>> x,  // (batch,k)
-                std::type_identity_t<view<float, 2, Space>> y,        // (batch,n)
-                act gate, const gemv_options& options = {}, Activations activations = {}) {
+template <class Exec, class S, class Space, class X, class Activations>
+void gated_gemv_entry(const Exec& exec, const quant::matrix<S, Space>& w_gate,
+                      const quant::matrix<S, Space>& w_up, view<const X, 2, Space> x,
+                      view<float, 2, Space> y, act gate, const gemv_options& options,
+                      Activations activations) {
   constexpr std::string_view call = "infuse::gated_gemv";
   quant::static_check_scheme<S>();
-  static_check_view<Exec, 2, view<const float, 2, Space>>();
+  static_check_view<Exec, 2, view<const X, 2, Space>>();
   static_check_activations<S, Activations>();
   check_gemv_arguments(w_gate, x, y);
   quant::require_matrix(w_up, call, "w_up");
@@ -278,7 +300,58 @@ void gated_gemv(const Exec& exec, const quant::matrix<S, Space>& w_gate,
   require(options.activation == act::none, call, "options.activation",
           static_cast<int>(options.activation), "act::none (the gate is its own argument)");
   check_fused_arguments(w_gate, x.extent(0), w_gate.rows, w_gate.cols, options, activations, call);
-  detail::gemv_body<Exec>::run_fused(exec, w_gate, &w_up, x, y, options, gate, activations);
+  gemv_body<Exec>::run_fused(exec, w_gate, &w_up, x, y, options, gate, activations);
+}
+
+}  // namespace detail
+
+// y(b, n) = sum_k W(n, k) x(b, k), then the epilogue of `options`: w (n,k), x (batch,k),
+// y (batch,n); x and y need a contiguous last dimension, any row stride.
+template <class Exec, class S, class Space, class Activations = float_activations>
+void gemv(const Exec& exec, const quant::matrix<S, Space>& w,
+          std::type_identity_t<view<const float, 2, Space>> x,  // (batch,k)
+          std::type_identity_t<view<float, 2, Space>> y,        // (batch,n)
+          const gemv_options& options = {}, Activations activations = {}) {
+  detail::gemv_entry(exec, w, x, y, options, activations);
+}
+
+// The same with x in half or bfloat16 (CUDA), converted to float as it is read.
+template <class Exec, class S, class Space, detail::narrow_activation X,
+          class Activations = float_activations>
+void gemv(const Exec& exec, const quant::matrix<S, Space>& w, view<X, 2, Space> x,  // (batch,k)
+          std::type_identity_t<view<float, 2, Space>> y,                            // (batch,n)
+          const gemv_options& options = {}, Activations activations = {}) {
+  static_check_narrow_activations<Space>();
+  if constexpr (std::is_same_v<Space, device_memory>) {  // no second error after the assertion
+    detail::gemv_entry(exec, w, view<const std::remove_const_t<X>, 2, Space>(x), y, options,
+                       activations);
+  }
+}
+
+// y(b, n) = gate((W_gate x)(b, n)) * (W_up x)(b, n) + residual, both weights in one pass:
+// w_gate and w_up (n,k) of the same scheme, x (batch,k), y (batch,n). gate is act::silu (SwiGLU),
+// act::gelu (GeGLU) or act::none (bilinear); options.bias and options.activation must be unset.
+template <class Exec, class S, class Space, class Activations = float_activations>
+void gated_gemv(const Exec& exec, const quant::matrix<S, Space>& w_gate,
+                const quant::matrix<S, Space>& w_up,
+                std::type_identity_t<view<const float, 2, Space>> x,  // (batch,k)
+                std::type_identity_t<view<float, 2, Space>> y,        // (batch,n)
+                act gate, const gemv_options& options = {}, Activations activations = {}) {
+  detail::gated_gemv_entry(exec, w_gate, w_up, x, y, gate, options, activations);
+}
+
+// The same with x in half or bfloat16 (CUDA), converted to float as it is read.
+template <class Exec, class S, class Space, detail::narrow_activation X,
+          class Activations = float_activations>
+void gated_gemv(const Exec& exec, const quant::matrix<S, Space>& w_gate,
+                const quant::matrix<S, Space>& w_up, view<X, 2, Space> x,  // (batch,k)
+                std::type_identity_t<view<float, 2, Space>> y,             // (batch,n)
+                act gate, const gemv_options& options = {}, Activations activations = {}) {
+  static_check_narrow_activations<Space>();
+  if constexpr (std::is_same_v<Space, device_memory>) {  // no second error after the assertion
+    detail::gated_gemv_entry(exec, w_gate, w_up, view<const std::remove_const_t<X>, 2, Space>(x), y,
+                             gate, options, activations);
+  }
 }
 
 }  // namespace infuse::gemm

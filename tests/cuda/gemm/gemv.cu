@@ -16,7 +16,11 @@
 #include <string>
 #include <vector>
 
-#include "infuse/cuda.cuh"
+#include "device_matrix.cuh"
+#include "infuse/exec/cuda.cuh"
+#include "infuse/gemm/cpu/gemv.hpp"
+#include "infuse/gemm/cuda/gemv.cuh"
+#include "infuse/quant/quant.hpp"
 #include "reference/compare.hpp"
 #include "reference/gemm.hpp"
 #include "support/cuda.cuh"
@@ -29,25 +33,8 @@ namespace quant = infuse::quant;
 using infuse::device_buffer;
 using infuse::device_view;
 using infuse::host_view;
-
-template <class T>
-device_buffer<T> to_device(const std::vector<T>& host) {
-  return device_buffer<T>(std::span<const T>(host));
-}
-
-// A quantized matrix copied to the device, with the view gemv takes.
-template <class S>
-struct device_matrix {
-  device_buffer<std::uint8_t> codes;
-  device_buffer<float> scales;
-  device_buffer<std::uint8_t> zeros;
-  quant::matrix<S, infuse::device_memory> view;
-
-  explicit device_matrix(const quant::quantized<S>& q)
-      : codes(to_device(q.codes)), scales(to_device(q.scales)), zeros(to_device(q.zeros)),
-        view{codes.data(), scales.size() > 0 ? scales.data() : nullptr,
-             zeros.size() > 0 ? zeros.data() : nullptr, q.rows, q.cols} {}
-};
+using infuse::test::device_matrix;
+using infuse::test::to_device;
 
 struct problem {
   std::int64_t rows;
@@ -73,10 +60,10 @@ void check_shape(infuse::test::seeded_rng& rng, problem shape) {
   device_buffer<float> y_device(shape.batch * y_stride);
   INFUSE_CUDA_REQUIRE(cudaMemset(y_device.data(), 0xff, y_device.bytes()));  // NaN
 
-  infuse::gemv(infuse::exec::cuda{}, w.view,
-               device_view<const float, 2>(x_device.data(), {shape.batch, shape.cols},
-                                           {x_stride, 1}),
-               device_view<float, 2>(y_device.data(), {shape.batch, shape.rows}, {y_stride, 1}));
+  infuse::gemv(
+      infuse::exec::cuda{}, w.view,
+      device_view<const float, 2>(x_device.data(), {shape.batch, shape.cols}, {x_stride, 1}),
+      device_view<float, 2>(y_device.data(), {shape.batch, shape.rows}, {y_stride, 1}));
   infuse::test::check_launch();
   const std::vector<float> y = y_device.to_host();
 
@@ -138,8 +125,7 @@ TEST_CASE_TEMPLATE_DEFINE("cuda gemv matches the float64 reference and the CPU b
   for (const std::int64_t cols : test_cols<S>()) {
     for (const std::int64_t rows : {std::int64_t{1}, std::int64_t{17}, std::int64_t{33}}) {
       for (const std::int64_t batch :
-           {std::int64_t{1}, std::int64_t{3}, std::int64_t{7}, std::int64_t{9},
-            std::int64_t{15}}) {
+           {std::int64_t{1}, std::int64_t{3}, std::int64_t{7}, std::int64_t{9}, std::int64_t{15}}) {
         check_shape<S>(rng, {rows, cols, batch});
       }
     }
@@ -165,8 +151,10 @@ TEST_CASE("cuda gemv: fused epilogues and gated_gemv match the CPU body") {
     const std::int64_t cols = 1088;
     const auto gate_weights = rng.normals(static_cast<std::size_t>(rows * cols), 0.1);
     const auto up_weights = rng.normals(static_cast<std::size_t>(rows * cols), 0.1);
-    const auto gate_q = quant::quantize<S>(host_view<const float, 2>(gate_weights.data(), {rows, cols}));
-    const auto up_q = quant::quantize<S>(host_view<const float, 2>(up_weights.data(), {rows, cols}));
+    const auto gate_q =
+        quant::quantize<S>(host_view<const float, 2>(gate_weights.data(), {rows, cols}));
+    const auto up_q =
+        quant::quantize<S>(host_view<const float, 2>(up_weights.data(), {rows, cols}));
     const device_matrix<S> gate_w(gate_q);
     const device_matrix<S> up_w(up_q);
     const auto x = rng.normals(static_cast<std::size_t>(batch * cols));

@@ -15,8 +15,10 @@
 //
 // Precision: x and the dequantized weights are rounded to half (11 significant bits, relative
 // rounding 2^-11 each, magnitudes up to 65504), so |y - W x| <= sum_k |W(n,k) x(b,k)| * 2^-10
-// plus float accumulation. Schemes whose dequantized weights need more than half holds (float
-// and bfloat16 weights) stay on the GEMV path at every batch.
+// plus float accumulation. Half x is taken as it is (no rounding: the bound halves to 2^-11);
+// bfloat16 x (8 significant bits) is exact in half between 2^-14 and 65504. Schemes whose
+// dequantized weights need more than half holds (float and bfloat16 weights) stay on the GEMV path
+// at every batch.
 //
 // Included at the end of gemm/cuda/gemv.cuh, whose dequantizer, block_words and epilogue it uses.
 #pragma once
@@ -84,11 +86,11 @@ struct staged_block {
 
 // y(b, row) for the block's 64 rows and 32 batch rows, b < batch; x, y and the residual point at
 // the launch's first batch row. Gated: tile 0 is W_gate, tile 1 W_up (same shape).
-template <class S, bool Gated>
+template <class S, class X, bool Gated>
 __global__ void __launch_bounds__(tc_threads)
     gemm_tc_kernel(quant::matrix<S, device_memory> w, quant::matrix<S, device_memory> w_up,
-                   const float* __restrict__ x, std::int64_t x_stride, float* y,
-                   std::int64_t y_stride, int batch, epilogue finish) {
+                   const X* __restrict__ x, std::int64_t x_stride, float* y, std::int64_t y_stride,
+                   int batch, epilogue finish) {
   namespace wmma = nvcuda::wmma;
   constexpr int matrices = tc_matrices(Gated);
   __shared__ alignas(128) unsigned char shared[tc_shared_bytes(Gated)];
@@ -141,8 +143,8 @@ __global__ void __launch_bounds__(tc_threads)
       const int b = first_batch + pair_row(p);
       staged_x[p] = make_float2(0.0f, 0.0f);
       if (b < batch && k < w.cols) {
-        const float* pair = x + std::int64_t{b} * x_stride + k;
-        staged_x[p] = make_float2(pair[0], pair[1]);
+        const X* pair = x + std::int64_t{b} * x_stride + k;
+        staged_x[p] = make_float2(to_float(pair[0]), to_float(pair[1]));
       }
     }
   };
@@ -249,9 +251,9 @@ __global__ void __launch_bounds__(tc_threads)
 
 // Every product of tensor_core_min_batch or more batch rows, gated or not, for a scheme with
 // tensor_core_scheme<S> (declared in gemv.cuh).
-template <bool Gated, class S>
+template <bool Gated, class S, class X>
 void run_tensor_core(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-                     const quant::matrix<S, device_memory>& w_up, device_view<const float, 2> x,
+                     const quant::matrix<S, device_memory>& w_up, device_view<const X, 2> x,
                      device_view<float, 2> y, epilogue finish) {
   const std::int64_t batch = x.extent(0);
   const float* residual = finish.residual;
@@ -259,7 +261,7 @@ void run_tensor_core(const exec::cuda& exec, const quant::matrix<S, device_memor
   for (std::int64_t first = 0; first < batch; first += tc_launch_batch) {
     const int count = static_cast<int>(std::min(tc_launch_batch, batch - first));
     if (residual != nullptr) finish.residual = residual + first * finish.residual_stride;
-    exec.launch(gemm_tc_kernel<S, Gated>,
+    exec.launch(gemm_tc_kernel<S, X, Gated>,
                 dim3(row_tiles, static_cast<unsigned>((count + tc_tile_batch - 1) / tc_tile_batch)),
                 dim3(tc_threads), 0, w, w_up, x.data() + first * x.stride(0), x.stride(0),
                 y.data() + first * y.stride(0), y.stride(0), count, finish);

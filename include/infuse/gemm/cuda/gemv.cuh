@@ -18,6 +18,12 @@
 // eight lanes that read vector q of eight consecutive blocks then hit eight different bank
 // quadruples (unswizzled, they would all hit the same four banks).
 //
+// x may be float, half or bfloat16 (gemm/gemv.hpp): it is converted to float as it is staged,
+// exactly, so everything after the staging is the same code for the three.
+//
+// With gemm::lut_activations (quant::bcq weights) the product takes the LUT-GEMV of
+// gemm/cuda/lut.cuh instead, at every batch.
+//
 // A weight here equals quant::dequantize's bit for bit: integer codes become floats through the
 // exponent of 2^23 (u + 2^23 is exact), and (u + 2^23) - (zero + 2^23) is u - zero exactly, the
 // value the scheme's value() multiplies by the scale. Only the order of the sums differs from the
@@ -30,6 +36,7 @@
 #error "infuse/gemm/cuda/gemv.cuh is CUDA code: include it from a .cu file compiled by nvcc"
 #endif
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -39,6 +46,7 @@
 #include <type_traits>
 
 #include "infuse/core/error.hpp"
+#include "infuse/core/float_types.hpp"
 #include "infuse/core/view.hpp"
 #include "infuse/exec/cuda.cuh"
 #include "infuse/gemm/gemv.hpp"
@@ -124,6 +132,20 @@ struct dequantizer {
   }
 };
 
+// An activation as float, exactly: half through the hardware conversion, bfloat16 by its place
+// as the top half of a float.
+template <class X>
+__device__ INFUSE_FORCE_INLINE float to_float(X value) {
+  if constexpr (std::is_same_v<X, float>) {
+    return value;
+  } else if constexpr (std::is_same_v<X, infuse::half>) {
+    return __half2float(__ushort_as_half(value.bits()));
+  } else {
+    static_assert(std::is_same_v<X, infuse::bfloat16>);
+    return __uint_as_float(std::uint32_t{value.bits()} << 16);
+  }
+}
+
 INFUSE_DEVICE INFUSE_FORCE_INLINE int swizzled_vector(int block, int q) {
   return block * 8 + (q ^ (block & 7));
 }
@@ -151,10 +173,10 @@ struct epilogue {
 // at the tile's first batch row. Every index is checked against w's shape and `batch`: rows past
 // the end and blocks past the row's end load nothing and store nothing. Gated: slot 0 of a warp
 // is row n of w, slot 1 row n of w_up (same shape, checked on the host).
-template <class S, int Batch, bool Gated>
+template <class S, class X, int Batch, bool Gated>
 __global__ void __launch_bounds__(threads_per_block)
     gemv_kernel(quant::matrix<S, device_memory> w, quant::matrix<S, device_memory> w_up,
-                const float* __restrict__ x, std::int64_t x_stride, float* y, std::int64_t y_stride,
+                const X* __restrict__ x, std::int64_t x_stride, float* y, std::int64_t y_stride,
                 int batch, epilogue finish) {
   __shared__ float4 x_tile[Batch][chunk_vectors];  // (Batch, chunk_inputs / 4), swizzled
   const int warp = static_cast<int>(threadIdx.x) / 32;
@@ -218,7 +240,7 @@ __global__ void __launch_bounds__(threads_per_block)
       const int b = i / chunk_inputs;
       const int input = i % chunk_inputs;
       const std::int64_t k = chunk * quant::block_size + input;
-      const float value = b < batch && k < w.cols ? x[b * x_stride + k] : 0.0f;
+      const float value = b < batch && k < w.cols ? to_float(x[b * x_stride + k]) : 0.0f;
       tile[b * chunk_inputs + 4 * swizzled_vector(input / 32, (input % 32) / 4) + input % 4] =
           value;
     }
@@ -270,9 +292,9 @@ __global__ void __launch_bounds__(threads_per_block)
 }
 
 // One launch over `count` <= 8 batch rows, with the smallest instantiation that holds them.
-template <bool Gated, class S>
+template <bool Gated, class S, class X>
 void launch_gemv_tile(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-                      const quant::matrix<S, device_memory>& w_up, const float* x,
+                      const quant::matrix<S, device_memory>& w_up, const X* x,
                       std::int64_t x_stride, float* y, std::int64_t y_stride, int count,
                       const epilogue& finish) {
   const dim3 grid(
@@ -282,38 +304,38 @@ void launch_gemv_tile(const exec::cuda& exec, const quant::matrix<S, device_memo
     exec.launch(kernel, grid, block, 0, w, w_up, x, x_stride, y, y_stride, count, finish);
   };
   if (count == 1) {
-    launch(gemv_kernel<S, 1, Gated>);
+    launch(gemv_kernel<S, X, 1, Gated>);
   } else if (count == 2) {
-    launch(gemv_kernel<S, 2, Gated>);
+    launch(gemv_kernel<S, X, 2, Gated>);
   } else if (count <= 4) {
-    launch(gemv_kernel<S, 4, Gated>);
+    launch(gemv_kernel<S, X, 4, Gated>);
   } else {
-    launch(gemv_kernel<S, 8, Gated>);
+    launch(gemv_kernel<S, X, 8, Gated>);
   }
 }
 
-// out(b, c) = x(b, order[c]): x gathered through the inputs' order (GPTQ act-order). An order
-// entry outside [0, k) reads as 0: the host cannot check a device array.
-template <class T>
-__global__ void gather_inputs_kernel(const T* __restrict__ x, std::int64_t x_stride,
-                                     const std::int32_t* __restrict__ order, T* out,
+// out(b, c) = x(b, order[c]) as float: x gathered through the inputs' order (GPTQ act-order) into
+// the caller's float workspace, so that the product after it reads float x. An order entry
+// outside [0, k) reads as 0: the host cannot check a device array.
+template <class X>
+__global__ void gather_inputs_kernel(const X* __restrict__ x, std::int64_t x_stride,
+                                     const std::int32_t* __restrict__ order, float* out,
                                      std::int64_t batch, std::int64_t k) {
   const std::int64_t i = std::int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i >= batch * k) return;
   const std::int64_t b = i / k;
   const std::int32_t input = order[i % k];
-  out[i] = input >= 0 && input < k ? x[b * x_stride + input] : T{};
+  out[i] = input >= 0 && input < k ? to_float(x[b * x_stride + input]) : 0.0f;
 }
 
-inline device_view<const float, 2> gather_inputs(const exec::cuda& exec,
-                                                 device_view<const float, 2> x,
-                                                 const gemv_options& options) {
+template <class X>
+device_view<const float, 2> gather_inputs(const exec::cuda& exec, device_view<const X, 2> x,
+                                          const gemv_options& options) {
   const std::int64_t batch = x.extent(0);
   const std::int64_t k = x.extent(1);
   const std::int64_t count = batch * k;
-  exec.launch(gather_inputs_kernel<float>, dim3(static_cast<unsigned>((count + 255) / 256)),
-              dim3(256), 0, x.data(), x.stride(0), options.input_order, options.input_workspace,
-              batch, k);
+  exec.launch(gather_inputs_kernel<X>, dim3(static_cast<unsigned>((count + 255) / 256)), dim3(256),
+              0, x.data(), x.stride(0), options.input_order, options.input_workspace, batch, k);
   return device_view<const float, 2>(options.input_workspace, {batch, k});
 }
 
@@ -324,15 +346,21 @@ template <class S>
 inline constexpr bool tensor_core_scheme =
     !std::is_same_v<S, quant::none<float>> && !std::is_same_v<S, quant::none<bfloat16>>;
 
-template <bool Gated, class S>
+template <bool Gated, class S, class X>
 void run_tensor_core(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-                     const quant::matrix<S, device_memory>& w_up, device_view<const float, 2> x,
+                     const quant::matrix<S, device_memory>& w_up, device_view<const X, 2> x,
                      device_view<float, 2> y, epilogue finish);
 
+// The LUT-GEMV of quant::bcq weights (gemm/cuda/lut.cuh), every batch tile.
+template <bool Gated, class S, class X>
+void run_lut(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
+             const quant::matrix<S, device_memory>& w_up, device_view<const X, 2> x,
+             device_view<float, 2> y, epilogue finish);
+
 // Every batch tile of a product, gated or not.
-template <bool Gated, class S>
+template <bool Gated, class S, class X>
 void run_tiles(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-               const quant::matrix<S, device_memory>& w_up, device_view<const float, 2> x,
+               const quant::matrix<S, device_memory>& w_up, device_view<const X, 2> x,
                device_view<float, 2> y, epilogue finish) {
   const std::int64_t batch = x.extent(0);
   if constexpr (tensor_core_scheme<S>) {
@@ -371,33 +399,47 @@ namespace infuse::gemm::detail {
 
 template <>
 struct gemv_body<exec::cuda> {
-  template <class S>
+  template <class S, class X>
   static void run(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-                  device_view<const float, 2> x, device_view<float, 2> y, const gemv_options&) {
+                  device_view<const X, 2> x, device_view<float, 2> y, const gemv_options&) {
     cuda::check_cuda_gemv_arguments(w);
     if (w.rows == 0) return;
     cuda::detail::run_tiles<false>(exec, w, w, x, y, {nullptr, act::none, act::none, nullptr, 0});
   }
 
-  template <class S, class Activations>
+  template <class S, class X, class Activations>
   static void run_fused(const exec::cuda& exec, const quant::matrix<S, device_memory>& w,
-                        const quant::matrix<S, device_memory>* w_up, device_view<const float, 2> x,
+                        const quant::matrix<S, device_memory>* w_up, device_view<const X, 2> x,
                         device_view<float, 2> y, const gemv_options& options, act gate,
                         const Activations&) {
-    static_assert(std::is_same_v<Activations, float_activations>,
-                  "infuse: the CUDA gemv takes float activations (gemm::float_activations); "
-                  "int8 and lut activations are CPU only; see docs/policies.md#quantized-gemv");
+    static_assert(!std::is_same_v<Activations, int8_activations>,
+                  "infuse: the CUDA gemv takes float or lut activations (gemm::float_activations, "
+                  "gemm::lut_activations); int8 activations are CPU only; see "
+                  "docs/policies.md#quantized-gemv");
     cuda::check_cuda_gemv_arguments(w);
     if (w_up != nullptr) cuda::check_cuda_gemv_arguments(*w_up);
     if (w.rows == 0) return;
-    if (options.input_order != nullptr) x = cuda::detail::gather_inputs(exec, x, options);
     const cuda::detail::epilogue finish{
         options.bias, options.activation, gate, options.residual,
         options.residual_stride == 0 ? w.rows : options.residual_stride};
-    if (w_up != nullptr) {
-      cuda::detail::run_tiles<true>(exec, w, *w_up, x, y, finish);
+    const auto multiply = [&](auto inputs) {
+      constexpr bool lut = std::is_same_v<Activations, lut_activations>;
+      if (w_up != nullptr) {
+        if constexpr (lut) {
+          cuda::detail::run_lut<true>(exec, w, *w_up, inputs, y, finish);
+        } else {
+          cuda::detail::run_tiles<true>(exec, w, *w_up, inputs, y, finish);
+        }
+      } else if constexpr (lut) {
+        cuda::detail::run_lut<false>(exec, w, w, inputs, y, finish);
+      } else {
+        cuda::detail::run_tiles<false>(exec, w, w, inputs, y, finish);
+      }
+    };
+    if (options.input_order != nullptr) {
+      multiply(cuda::detail::gather_inputs(exec, x, options));
     } else {
-      cuda::detail::run_tiles<false>(exec, w, w, x, y, finish);
+      multiply(x);
     }
   }
 };
@@ -405,3 +447,4 @@ struct gemv_body<exec::cuda> {
 }  // namespace infuse::gemm::detail
 
 #include "infuse/gemm/cuda/gemm_tc.cuh"  // the definition of run_tensor_core
+#include "infuse/gemm/cuda/lut.cuh"      // the definition of run_lut

@@ -6,7 +6,7 @@
 //
 // The per-tile summaries of the CPU body need the CUDA gemv's per-row dot products as a device
 // function that a summary kernel can call; until gemm/cuda/gemv.cuh offers one, every call takes
-// this path. Float activations only, as the CUDA gemv.
+// this path. Float activations (gemm::float_activations) only.
 #pragma once
 
 #include "infuse/core/config.hpp"
@@ -43,8 +43,8 @@ struct head_body<exec::cuda> {
                      const view<std::byte, 1, device_memory>& workspace,
                      const Activations& activations) {
     static_assert(std::is_same_v<Activations, gemm::float_activations>,
-                  "infuse: search::sample_from_head on CUDA takes float activations, as the CUDA "
-                  "gemv; see docs/policies.md#quantized-gemv");
+                  "infuse: search::sample_from_head on CUDA takes float activations "
+                  "(gemm::float_activations); see docs/policies.md#quantized-gemv");
     sample_through_logits<Set>(exec, w, hidden, rows, params, out, aligned_base(workspace.data()),
                                activations);
   }
