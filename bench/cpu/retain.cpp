@@ -1,8 +1,11 @@
 // KV retention on the CPU: compaction (kv::retain::compact) of 8 sequences of 3,000 tokens, each
 // keeping 1,000 scattered tokens of its last 2,000 (8 KV heads x 128 dims, page 16, K and V in
-// f16 and in int4 g32, with attention mass), and heavy_hitter selection over 32k tokens.
-// Compaction bytes: each kept token's records and mass read once and written once; "roofline" is
-// against the measured copy bandwidth, and "s/1k_tokens" the time per 1,000 moved tokens.
+// f16 and in int4 g32, with attention mass); the same through kv::cache::compact with KIVI's
+// arrangement (kv::per_channel int2 keys with a zero point, int2 values per token), whose moved
+// keys are read back and re-quantized per page; and heavy_hitter selection over 32k tokens.
+// Compaction bytes: each kept token's records and mass read once and written once (KIVI: its
+// K codes and V records and mass, the pages' K groups left out); "roofline" is against the
+// measured copy bandwidth, and "s/1k_tokens" the time per 1,000 moved tokens.
 // Selection bytes: the mass read once.
 // smoke filter: ^retain\.heavy_hitter/tokens:32768/
 #include "infuse/kv/retain.hpp"
@@ -18,6 +21,7 @@
 
 #include "infuse/exec/cpu.hpp"
 #include "infuse/kv/cpu/compact.hpp"
+#include "infuse/kv/kv.hpp"
 #include "infuse/quant/quant.hpp"
 #include "support/cpu_bandwidth.hpp"
 #include "support/harness.hpp"
@@ -129,6 +133,64 @@ void retain_compact(benchmark::State& state) {
       tokens / 1000.0, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
 }
 
+// The same kept positions as retain_compact, on a kv::cache of KIVI's arrangement: each iteration
+// compacts a fresh copy of the filled cache (the copy outside the timed span).
+void retain_compact_kivi(benchmark::State& state) {
+  constexpr std::int32_t sequences = 8;
+  constexpr std::int64_t length = 3000;
+  constexpr std::int64_t keep = 1000;
+  using kivi = quant::int_<2, quant::per_channel, quant::zero_point>;
+  using cache_type = kv::cache<kv::paged<page_size>, kv::per_channel<kivi>, kivi>;
+  std::mt19937 engine(42);
+  const auto pages = static_cast<std::int32_t>(sequences * ((length + page_size - 1) / page_size));
+  cache_type filled(pages, {heads, head_dim}, {heads, head_dim});
+  std::vector<kv::sequence_id> ids(sequences);
+  for (auto& id : ids) id = filled.create();
+  {
+    std::normal_distribution<float> normal;
+    std::vector<float> k(std::size_t(sequences * length * heads * head_dim));
+    std::vector<float> v(k.size());
+    for (float& x : k) x = normal(engine);
+    for (float& x : v) x = normal(engine);
+    const std::vector<std::int64_t> counts(sequences, length);
+    const std::int64_t rows = sequences * length;
+    filled.append(infuse::exec::cpu{}, ids, counts,
+                  host_view<const float, 3>(k.data(), {rows, heads, head_dim}),
+                  host_view<const float, 3>(v.data(), {rows, heads, head_dim}));
+  }
+  std::vector<std::int32_t> kept_indptr{0}, kept;
+  for (std::int32_t s = 0; s < sequences; ++s) {
+    std::vector<std::int32_t> candidates(2 * keep);
+    std::iota(candidates.begin(), candidates.end(), std::int32_t(length - 2 * keep));
+    std::shuffle(candidates.begin(), candidates.end(), engine);
+    candidates.resize(keep);
+    std::sort(candidates.begin(), candidates.end());
+    kept.insert(kept.end(), candidates.begin(), candidates.end());
+    kept_indptr.push_back(std::int32_t(kept.size()));
+  }
+  const infuse::exec::cpu exec;
+  cache_type cache = filled;
+  for (auto _ : state) {
+    state.PauseTiming();
+    cache = filled;
+    state.ResumeTiming();
+    cache.compact(exec, ids, kept_indptr, kept);
+  }
+  for (const kv::sequence_id s : ids) {
+    if (cache.length(s) != keep) {
+      bench::report_error(state, "sequence " + std::to_string(s) + " has new length " +
+                                     std::to_string(cache.length(s)));
+      return;
+    }
+  }
+  const auto& f = cache.format();
+  const double tokens = double(sequences) * keep;
+  const double token_bytes = double(f.k.bytes_per_token() + f.v.bytes_per_token()) + 4.0 * heads;
+  bench::set_bytes(state, 2.0 * tokens * token_bytes, bench::cpu::measured_bandwidth().copy_gbps);
+  state.counters["s/1k_tokens"] = benchmark::Counter(
+      tokens / 1000.0, benchmark::Counter::kIsIterationInvariantRate | benchmark::Counter::kInvert);
+}
+
 void retain_heavy_hitter(benchmark::State& state) {
   const std::int64_t length = state.range(0);
   std::mt19937 engine(7);
@@ -151,6 +213,10 @@ BENCHMARK(retain_compact<quant::none<infuse::half>>)
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(retain_compact<quant::int_<4, 32>>)
     ->Name("retain.compact_int4_g32/tokens:8000")
+    ->UseRealTime()
+    ->Unit(benchmark::kMicrosecond);
+BENCHMARK(retain_compact_kivi)
+    ->Name("retain.compact_kivi_int2/tokens:8000")
     ->UseRealTime()
     ->Unit(benchmark::kMicrosecond);
 BENCHMARK(retain_heavy_hitter)

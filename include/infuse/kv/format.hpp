@@ -48,6 +48,9 @@ namespace infuse::kv {
 // loads on the device stay aligned).
 inline constexpr std::int64_t region_alignment = 64;
 
+// The most token slots a page has (kv::paged).
+inline constexpr std::int32_t max_page_slots = 256;
+
 INFUSE_HOST_DEVICE constexpr std::int64_t round_up(std::int64_t n, std::int64_t multiple) {
   return (n + multiple - 1) / multiple * multiple;
 }
@@ -262,38 +265,56 @@ struct vector_format<per_channel<S>> {
     }
   }
 
+  // Stores the fitted group of channel d of head `head` in the page's parameters.
+  INFUSE_HOST_DEVICE void set_channel_params(std::uint8_t* page_params, std::int32_t head, int d,
+                                             const quant::stored_group<S>& stored) const {
+    const std::int64_t channel = std::int64_t{head} * stored_dim() + d;
+    std::memcpy(page_params + channel * S::scales_per_group * 4, stored.scales,
+                sizeof(float) * S::scales_per_group);
+    if constexpr (S::has_zero)
+      page_params[channels() * S::scales_per_group * 4 + channel] = stored.zero;
+  }
+
+  // The page's `slots` keys of block b (dims 32b to 32b + 31) of head `head`, as floats:
+  // block[slot * 32 + j] = key(slot, head, 32b + j), zero past head_dim. One pass over the page's
+  // tokens serves the block's 32 channels.
+  template <class Key>
+  void gather_block(std::int32_t slots, Key& key, std::int32_t head, int b, float* block) const {
+    const int first = b * quant::block_size;
+    const int dims = head_dim - first < quant::block_size ? head_dim - first : quant::block_size;
+    for (std::int32_t slot = 0; slot < slots; ++slot) {
+      float* row = block + std::int64_t{slot} * quant::block_size;
+      for (int j = 0; j < dims; ++j) row[j] = key(slot, head, first + j);
+      for (int j = dims; j < quant::block_size; ++j) row[j] = 0.0f;
+    }
+  }
+
   // Quantizes a full page (host): key(slot, head, d) is the float of channel d of head `head` in
   // slot `slot` (d below head_dim), codes(slot, head) the code record to fill. Each channel's
-  // group is fitted over the page's `slots` values by the scheme's round-to-nearest fit.
+  // group is fitted over the page's `slots` values by the scheme's round-to-nearest fit. A block
+  // of 32 channels at a time: its keys are gathered once and stay in L1.
   template <class Key, class Codes>
   void encode_page(std::int32_t slots, Key&& key, Codes&& codes, std::uint8_t* page_params) const {
     std::memset(page_params, 0, static_cast<std::size_t>(page_param_bytes()));
-    float values[256];  // a page has at most 256 slots (kv::paged)
+    float block[max_page_slots * quant::block_size];
     for (std::int32_t head = 0; head < heads; ++head) {
-      for (int d = 0; d < stored_dim(); ++d) {
-        for (std::int32_t slot = 0; slot < slots; ++slot) {
-          values[slot] = d < head_dim ? key(slot, head, d) : 0.0f;
-        }
-        const auto stored = S::fit(values, slots, 1.0f);
-        const std::int64_t channel = std::int64_t{head} * stored_dim() + d;
-        std::memcpy(page_params + channel * S::scales_per_group * 4, stored.scales,
-                    sizeof(float) * S::scales_per_group);
-        if constexpr (S::has_zero) {
-          page_params[channels() * S::scales_per_group * 4 + channel] = stored.zero;
-        }
-      }
-    }
-    for (std::int32_t slot = 0; slot < slots; ++slot) {
-      for (std::int32_t head = 0; head < heads; ++head) {
-        std::uint8_t* record = codes(slot, head);
-        for (int b = 0; b < blocks(); ++b) {
-          std::uint32_t block_codes[quant::block_size];
-          for (int j = 0; j < quant::block_size; ++j) {
-            const int d = b * quant::block_size + j;
-            block_codes[j] = S::encode(d < head_dim ? key(slot, head, d) : 0.0f,
-                                       channel_params(page_params, head, d));
+      for (int b = 0; b < blocks(); ++b) {
+        gather_block(slots, key, head, b, block);
+        typename S::params params[quant::block_size];
+        for (int j = 0; j < quant::block_size; ++j) {
+          float channel[max_page_slots];
+          for (std::int32_t slot = 0; slot < slots; ++slot) {
+            channel[slot] = block[std::int64_t{slot} * quant::block_size + j];
           }
-          S::pack(block_codes, record + std::int64_t{b} * S::block_bytes);
+          const int d = b * quant::block_size + j;
+          set_channel_params(page_params, head, d, S::fit(channel, slots, 1.0f));
+          params[j] = channel_params(page_params, head, d);
+        }
+        for (std::int32_t slot = 0; slot < slots; ++slot) {
+          const float* row = block + std::int64_t{slot} * quant::block_size;
+          std::uint32_t block_codes[quant::block_size];
+          for (int j = 0; j < quant::block_size; ++j) block_codes[j] = S::encode(row[j], params[j]);
+          S::pack(block_codes, codes(slot, head) + std::int64_t{b} * S::block_bytes);
         }
       }
     }

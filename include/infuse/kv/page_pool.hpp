@@ -22,7 +22,10 @@
 //   unshare  gives a sequence its own copy of every page it shares (before writing in place);
 //   compact  keeps chosen tokens of sequences (kv::retain::select) and moves them to the front,
 //            records and attention mass, after unsharing their pages, then recomputes the key
-//            bounds and releases the pages no longer reached.
+//            bounds and releases the pages no longer reached (kv::per_channel keys: each full
+//            page that receives a moved token is quantized again from the stored keys, and the
+//            window takes the kept keys of a last page short of full);
+//   compact_merged  the same after folding evicted tokens into kept ones (kv::retain::merge).
 // A page returns to the free list when its reference count drops to zero. Per-page metadata (key
 // bounds, attention mass) is described in kv/metadata.hpp; view(batch) hands a kernel the pool,
 // the metadata and the batch's page table as a kv::cache_view, without copies.
@@ -36,12 +39,15 @@
 #include <sys/mman.h>
 #endif
 
+#include <hwy/highway.h>
+
 #include <algorithm>
 #include <array>
 #include <concepts>
 #include <cstdint>
 #include <cstring>
 #include <iterator>
+#include <limits>
 #include <map>
 #include <new>
 #include <span>
@@ -59,9 +65,99 @@
 #include "infuse/kv/format.hpp"
 #include "infuse/kv/layout.hpp"
 #include "infuse/kv/metadata.hpp"
+#include "infuse/quant/int.hpp"
 #include "infuse/quant/none.hpp"
 
 namespace infuse::kv {
+
+namespace detail {
+
+namespace hn = hwy::HWY_NAMESPACE;
+
+template <class S>
+inline constexpr bool is_int_key_scheme = false;
+template <int Bits, int Group, class Zero>
+inline constexpr bool is_int_key_scheme<quant::int_<Bits, Group, Zero>> = true;
+
+// vector_format<per_channel<S>>::encode_page for quant::int_ keys, bit for bit, with SIMD lanes
+// across a block's channels. The float operations are the scalar ones in the same order (the fit's
+// comparisons, w / scale + zero rounded to nearest even and clamped), so the codes and parameters
+// are the same bits. Per head, extremes(head, stored) then receives the minimum and maximum of
+// the head's stored keys, scale * (u - zero) as a kernel dequantizes them (stored: 2 x head_dim
+// floats, the minima first; NaN skipped).
+template <class S, class Key, class Codes, class Extremes>
+void encode_int_key_page(const vector_format<per_channel<S>>& k, std::int32_t slots, Key& key,
+                         Codes& codes, std::uint8_t* page_params, Extremes&& extremes) {
+  const hn::CappedTag<float, quant::block_size> d;
+  constexpr int lanes = static_cast<int>(hn::MaxLanes(d));
+  constexpr int width = quant::block_size;
+  const auto zero = hn::Zero(d);
+  const auto top = hn::Set(d, static_cast<float>(S::max_code));
+  std::memset(page_params, 0, static_cast<std::size_t>(k.page_param_bytes()));
+  HWY_ALIGN float block[max_page_slots * width];
+  HWY_ALIGN float stored_codes[max_page_slots * width];  // the codes as floats, exact
+  HWY_ALIGN float lo[width], hi[width], scale[width], zero_point[width];
+  // The minima, then (from `maxima`) the maxima of a head; head_dim is at most 1024.
+  constexpr int maxima = 1024 + width;
+  HWY_ALIGN float head_extremes[2 * maxima];
+  for (std::int32_t head = 0; head < k.heads; ++head) {
+    for (int b = 0; b < k.blocks(); ++b) {
+      k.gather_block(slots, key, head, b, block);
+      // The fit's range: min(w, 0) and max(w, 0) per channel (NaN skipped).
+      for (int c = 0; c < width; c += lanes) {
+        auto low = zero, high = zero;
+        for (std::int32_t slot = 0; slot < slots; ++slot) {
+          const auto x = hn::Load(d, block + slot * width + c);
+          low = hn::IfThenElse(hn::Lt(x, low), x, low);
+          high = hn::IfThenElse(hn::Gt(x, high), x, high);
+        }
+        hn::Store(low, d, lo + c);
+        hn::Store(high, d, hi + c);
+      }
+      for (int j = 0; j < width; ++j) {
+        const int dim = b * width + j;
+        k.set_channel_params(page_params, head, dim, S::fit_range(lo[j], hi[j], 1.0f));
+        const typename S::params p = k.channel_params(page_params, head, dim);
+        scale[j] = p.scale;
+        zero_point[j] = p.zero;
+      }
+      for (int c = 0; c < width; c += lanes) {
+        const auto s = hn::Load(d, scale + c);
+        const auto z = hn::Load(d, zero_point + c);
+        const auto fitted = hn::Gt(s, zero);  // a group of no range stores its zero
+        auto low = hn::Set(d, std::numeric_limits<float>::infinity());
+        auto high = hn::Neg(low);
+        for (std::int32_t slot = 0; slot < slots; ++slot) {
+          auto u = hn::Round(hn::Add(hn::Div(hn::Load(d, block + slot * width + c), s), z));
+          u = hn::IfThenElse(hn::Gt(u, top), top, u);
+          // Up from 0, so that -0 (a rounded small negative) and NaN give code 0 as the
+          // scalar clamp of an int does.
+          u = hn::IfThenElse(hn::Gt(u, zero), u, zero);
+          u = hn::IfThenElse(fitted, u, z);
+          hn::Store(u, d, stored_codes + slot * width + c);
+          const auto value = hn::Mul(s, hn::Sub(u, z));
+          low = hn::IfThenElse(hn::Lt(value, low), value, low);
+          high = hn::IfThenElse(hn::Lt(high, value), value, high);
+        }
+        hn::Store(low, d, head_extremes + b * width + c);
+        hn::Store(high, d, head_extremes + maxima + b * width + c);
+      }
+      for (std::int32_t slot = 0; slot < slots; ++slot) {
+        std::uint32_t block_codes[width];
+        for (int j = 0; j < width; ++j) {
+          block_codes[j] = static_cast<std::uint32_t>(stored_codes[slot * width + j]);
+        }
+        S::pack(block_codes, codes(slot, head) + std::int64_t{b} * S::block_bytes);
+      }
+    }
+    // The maxima right after the head_dim minima (forward, onto a lower address).
+    std::copy(head_extremes + maxima, head_extremes + maxima + k.head_dim,
+              head_extremes + k.head_dim);
+    extremes(head, static_cast<const float*>(head_extremes));
+  }
+}
+
+}  // namespace detail
 
 // Storage for pages: cache-line aligned, so every region of every page (each at a multiple of
 // region_alignment) starts on a cache line. A pool of 2 MiB or more starts on a 2 MiB boundary and
@@ -256,6 +352,13 @@ struct token_move {
   token_location to;
 };
 
+// A full page of kv::per_channel keys to quantize again from floats (after a compaction):
+// keys is (page size, k.heads, k.head_dim), slot after slot.
+struct key_page {
+  std::int32_t page;
+  const float* keys;
+};
+
 struct host_pages;
 
 // What kv::cache's Alloc names: the memory space of the pages and metadata, the exec of an append
@@ -360,12 +463,8 @@ class host_page_storage {
                      ? run.window[(std::int64_t{slot} * f.k.heads + h) * f.k.head_dim + d]
                      : static_cast<float>(k(run.row + (slot - run.slot_begin), h, d));
         };
-        f.k.encode_page(
-            f.slots, key,
-            [&](std::int32_t slot, std::int32_t h) { return f.k_codes(page, slot, h); },
-            page + f.k_page_params_offset());
-        // The page's earlier slots changed too: from the window's keys to their quantized ones.
-        fold_run({run.page, 0, run.slot_end, run.row});
+        // The page's earlier slots change too: from the window's keys to their quantized ones.
+        encode_key_page(run.page, key);
       } else {
         fold_run(run);
       }
@@ -410,6 +509,19 @@ class host_page_storage {
     }
   }
 
+  // kv::per_channel keys: quantizes each listed page's keys per channel and starts its key
+  // bounds afresh, a page per work item.
+  void requantize_keys(const exec::cpu& exec, std::span<const key_page> pages) {
+    const auto& k = format_.k;
+    exec.parallel_for(std::ssize(pages), [&](std::int64_t n) {
+      const key_page& at = pages[static_cast<std::size_t>(n)];
+      const auto key = [&](std::int32_t slot, std::int32_t h, int d) {
+        return at.keys[(std::int64_t{slot} * k.heads + h) * k.head_dim + d];
+      };
+      encode_key_page(at.page, key);
+    });
+  }
+
   friend bool operator==(const host_page_storage& a, const host_page_storage& b) {
     return a.pool_ == b.pool_ && a.metadata_ == b.metadata_;
   }
@@ -436,6 +548,33 @@ class host_page_storage {
       format.encode(row, codes, params, important);
     } else {
       format.encode(row, codes, params);
+    }
+  }
+
+  // Quantizes the keys of a full page per channel, key(slot, head, d) for d below head_dim, and
+  // starts its key bounds afresh from the stored keys.
+  template <class Key>
+  void encode_key_page(std::int32_t page_index, Key& key) {
+    const Format& f = format_;
+    std::uint8_t* page = pool_.data() + page_index * f.page_bytes();
+    const auto codes = [&](std::int32_t slot, std::int32_t h) { return f.k_codes(page, slot, h); };
+    using scheme = typename decltype(Format::k)::scheme::scheme;
+    if constexpr (detail::is_int_key_scheme<scheme>) {
+      // A channel's bounds over the page's stored keys are its bounds over their minimum and
+      // maximum: the fold of those two rows (a page of one head and two slots) sets them.
+      Format extremes_format = f;
+      extremes_format.k.heads = 1;
+      const std::int64_t offset = std::int64_t{f.k.head_dim};
+      detail::encode_int_key_page(f.k, f.slots, key, codes, page + f.k_page_params_offset(),
+                                  [&](std::int32_t head, const float* extremes) {
+                                    detail::fold_key_bounds(
+                                        extremes_format, page, 0, 2,
+                                        metadata_.key_min(page_index) + head * offset,
+                                        metadata_.key_max(page_index) + head * offset, extremes);
+                                  });
+    } else {
+      f.k.encode_page(f.slots, key, codes, page + f.k_page_params_offset());
+      fold_run({page_index, 0, f.slots, 0});
     }
   }
 
@@ -608,13 +747,11 @@ class cache {
   // (bytes, so a kept token reads back bit for bit), the sequence is shortened to the kept count
   // and the key bounds of its pages are recomputed. Pages a sequence shares are first unshared
   // (one free page each), so no other sequence changes. Everything is checked first (unknown or
-  // repeated sequences, kept_indptr, positions, free pages).
+  // repeated sequences, kept_indptr, positions, free pages). kv::per_channel keys: a full page
+  // that receives a moved token is quantized again per channel from its tokens' stored keys, and
+  // the kept tokens of a last page short of full go to the window as stored (settle).
   void compact(const exec_type& exec, std::span<const sequence_id> seqs,
                std::span<const std::int32_t> kept_indptr, std::span<const std::int32_t> kept) {
-    static_assert(!per_channel_keys,
-                  "infuse: compaction moves token records between pages; kv::per_channel keys "
-                  "share their groups across a page's tokens; see "
-                  "docs/policies.md#kivi-and-zipvl-arrangements");
     constexpr const char* call = "infuse::kv::cache::compact";
     require(kept_indptr.size() == seqs.size() + 1, call, "kept_indptr.size()", kept_indptr.size(),
             "seqs.size() + 1 = " + std::to_string(seqs.size() + 1));
@@ -646,35 +783,93 @@ class cache {
     }
     require_copies_fit(targets, call, "seqs", std::to_string(seqs.size()) + " sequences");
     std::vector<token_move> move_list;
-    std::vector<page_run> run_list;
+    settle_plan plan;
     move_list.reserve(static_cast<std::size_t>(moves));
-    run_list.reserve(static_cast<std::size_t>(runs));
+    plan.reserve(runs);
+    // kv::per_channel keys: each sequence's kept keys as stored, read before anything moves.
+    std::vector<std::vector<float>> kept_keys(per_channel_keys ? seqs.size() : 0);
+    for (std::size_t i = 0; i < kept_keys.size(); ++i) {
+      kept_keys[i].resize(
+          static_cast<std::size_t>((kept_indptr[i + 1] - kept_indptr[i]) * key_floats()));
+    }
     storage_.prepare(runs, moves);  // the last step that may throw
     for (std::size_t i = 0; i < targets.size(); ++i) {
       sequence& seq = *targets[i];
       unshare_pages(seq);
-      for (std::int32_t j = kept_indptr[i]; j < kept_indptr[i + 1]; ++j) {
-        const std::int64_t to = j - kept_indptr[i];
-        if (kept[j] != to) move_list.push_back({location(seq, kept[j]), location(seq, to)});
+      const std::span<const std::int32_t> positions =
+          kept.subspan(static_cast<std::size_t>(kept_indptr[i]),
+                       static_cast<std::size_t>(kept_indptr[i + 1] - kept_indptr[i]));
+      for (std::size_t j = 0; j < positions.size(); ++j) {
+        const auto to = static_cast<std::int64_t>(j);
+        if (positions[j] != to)
+          move_list.push_back({location(seq, positions[j]), location(seq, to)});
       }
+      if constexpr (per_channel_keys) read_stored_keys(seq, positions, kept_keys[i].data());
     }
     storage_.move(exec, move_list);
     for (std::size_t i = 0; i < targets.size(); ++i) {
-      sequence& seq = *targets[i];
-      const std::int64_t count = kept_indptr[i + 1] - kept_indptr[i];
-      for (std::int64_t index = 0; index < pages_for(count); ++index) {
-        const auto filled =
-            static_cast<std::int32_t>(std::min<std::int64_t>(page_size, count - index * page_size));
-        run_list.push_back({seq.pages[static_cast<std::size_t>(index)], 0, filled, 0});
-      }
+      const std::int32_t first = kept_indptr[i];
+      settle(
+          *targets[i], kept_indptr[i + 1] - first, per_channel_keys ? kept_keys[i].data() : nullptr,
+          [&](std::int64_t j) { return kept[static_cast<std::size_t>(first + j)] != j; }, plan);
     }
-    storage_.fold(run_list);
-    for (const page_run& run : run_list) storage_.set_covered(run.page, run.slot_end);
-    for (std::size_t i = 0; i < targets.size(); ++i) {
-      sequence& seq = *targets[i];
-      seq.length = kept_indptr[i + 1] - kept_indptr[i];
-      release_from(seq, pages_for(seq.length));
+    finish_settle(exec, plan);
+  }
+
+  // Merge compaction (kv::retain::merge, Elastic Cache and D2O) of sequence s: what
+  // kv::retain::compact_merged does on a view (kv/cpu/compact.hpp), on pages s holds alone (its
+  // shared pages are first unshared, one free page each), then the key bounds are recomputed and
+  // s is shortened to kept.size(), which it returns. kv::per_channel keys: the merged keys are
+  // the means of the keys as stored (the window's in full precision), and every full page that
+  // receives a moved or merged key is quantized again per channel, as compact does. kept and
+  // counts as for kv::retain::compact_merged; everything is checked first.
+  template <int Budget, float Threshold, int Recent>
+  std::int64_t compact_merged(
+      const exec_type& exec, const retain::merge<Budget, Threshold, Recent>& rule, sequence_id s,
+      std::span<const std::int32_t> kept,
+      std::span<std::int32_t> counts = {}) requires std::same_as<memory_space, host_memory> {
+    constexpr const char* call = "infuse::kv::cache::compact_merged";
+    sequence& seq = find(s, call);
+    const host_view<const std::int32_t, 1> kept_view(kept.data(), {std::ssize(kept)});
+    const host_view<std::int32_t, 1> counts_view(counts.data(), {std::ssize(counts)});
+    retain::detail::require_merge(rule, s, seq.length, kept_view, counts_view, call);
+    const std::array<sequence*, 1> one{&seq};
+    require_copies_fit(one, call, "sequence", std::to_string(s));
+    lone_table table;
+    const auto pieces =
+        retain::detail::merge_pieces(exec, lone_view(seq, table), seq.length, std::ssize(kept));
+    std::vector<double> workspace(static_cast<std::size_t>(pieces.bytes() / 8 + 1));
+    std::vector<char> merged(kept.size(), 0);
+    settle_plan plan;
+    plan.reserve(pages_for(std::ssize(kept)));  // the last step that may throw
+    unshare_pages(seq);
+    const auto view = lone_view(seq, table);
+    auto* base = reinterpret_cast<std::byte*>(workspace.data());
+    // The kept keys as floats (the workspace's), each merged one replaced by its mean.
+    auto* keys = reinterpret_cast<float*>(base + pieces.kept_keys());
+    if constexpr (per_channel_keys) {
+      retain::detail::merge_into_kept(
+          exec, rule, view, 0, kept_view, counts_view, base,
+          [&](std::int64_t j, token_location, const double* sums, double weight, float*) {
+            for (std::int64_t d = 0; d < pieces.key_dims; ++d) {
+              keys[j * pieces.key_dims + d] = static_cast<float>(sums[d] / weight);
+            }
+            merged[static_cast<std::size_t>(j)] = 1;
+          });
+      retain::detail::move_kept(view, 0, kept.data(), std::ssize(kept),
+                                counts.empty() ? nullptr : counts.data());
+    } else {
+      retain::compact_merged(exec, rule, view, 0, kept_view, counts_view,
+                             host_view<std::byte, 1>(base, {pieces.bytes()}));
     }
+    settle(
+        seq, std::ssize(kept), per_channel_keys ? keys : nullptr,
+        [&](std::int64_t j) {
+          return kept[static_cast<std::size_t>(j)] != j || merged[static_cast<std::size_t>(j)];
+        },
+        plan);
+    finish_settle(exec, plan);
+    return std::ssize(kept);
   }
 
   // Sets the flags of tokens [begin, begin + important.size()) of sequence s (kv::mixed records,
@@ -885,6 +1080,108 @@ class cache {
 
   std::int64_t window_floats() const {
     return std::int64_t{page_size} * format().k.heads * format().k.head_dim;
+  }
+
+  std::int64_t key_floats() const { return std::int64_t{format().k.heads} * format().k.head_dim; }
+
+  // Reads the stored keys of seq's tokens at `positions` into out (positions x k.heads x
+  // k.head_dim): from the window while their page is not full, else from the codes
+  // (kv::per_channel).
+  void read_stored_keys(const sequence& seq, std::span<const std::int32_t> positions,
+                        float* out) requires per_channel_keys {
+    const format_type& f = format();
+    const std::int64_t window_begin = seq.length / page_size * page_size;
+    for (const std::int32_t t : positions) {
+      const token_location at = location(seq, t);
+      if (t >= window_begin) {
+        const float* key = seq.window.data() + std::int64_t{at.slot} * key_floats();
+        out = std::copy(key, key + key_floats(), out);
+        continue;
+      }
+      for (std::int32_t h = 0; h < f.k.heads; ++h) {
+        float key[1024];  // head_dim is at most 1024
+        f.read_key(storage_.pages() + at.page * f.page_bytes(), at.slot, h, key);
+        out = std::copy(key, key + f.k.head_dim, out);
+      }
+    }
+  }
+
+  // A page table of one sequence over its own page list, and the view of that sequence alone
+  // (no copies, nothing allocated): valid while its page list and window stay where they are.
+  struct lone_table {
+    std::array<std::int32_t, 2> indptr{};
+    std::int32_t last_page_len = 0;
+    const float* window = nullptr;
+  };
+  typename batch_type::view_type lone_view(sequence& seq, lone_table& table) {
+    table.indptr = {0, static_cast<std::int32_t>(seq.pages.size())};
+    table.last_page_len = static_cast<std::int32_t>(
+        seq.length == 0 ? 0 : seq.length - (pages_for(seq.length) - 1) * page_size);
+    table.window = seq.window.data();
+    typename batch_type::view_type view{};
+    view.pages = storage_.pages();
+    view.pool_pages = ledger().capacity();
+    view.format = storage_.format();
+    view.table = {table.indptr.data(), seq.pages.data(), &table.last_page_len, 1};
+    view.key_min = storage_.key_min();
+    view.key_max = storage_.key_max();
+    view.mass = storage_.mass();
+    if constexpr (per_channel_keys) view.windows = &table.window;
+    return view;
+  }
+
+  // What a compaction does to its sequences' pages once the kept tokens are in place: the runs
+  // whose key bounds are folded afresh and (kv::per_channel keys) the pages quantized again.
+  struct settle_plan {
+    std::vector<page_run> folds;
+    std::vector<key_page> requantized;
+    void reserve(std::int64_t pages) {
+      folds.reserve(static_cast<std::size_t>(pages));
+      if constexpr (per_channel_keys) requantized.reserve(static_cast<std::size_t>(pages));
+    }
+  };
+
+  // Shortens seq, whose kept tokens now sit at positions [0, count), releasing the pages left
+  // over, and plans its pages' key bounds. kv::per_channel keys: `keys` holds the kept tokens'
+  // keys in order (count x k.heads x k.head_dim) and changed(j) says whether position j took
+  // another token or a merged key; a full page holding a changed position is quantized again
+  // from keys (one more rounding of keys already stored), the others keep their bytes, and the
+  // keys of a last page short of full go to the window.
+  template <class Changed>
+  void settle(sequence& seq, std::int64_t count, const float* keys, Changed&& changed,
+              settle_plan& plan) {
+    for (std::int64_t index = 0; index < pages_for(count); ++index) {
+      const std::int32_t page = seq.pages[static_cast<std::size_t>(index)];
+      const auto filled =
+          static_cast<std::int32_t>(std::min<std::int64_t>(page_size, count - index * page_size));
+      if constexpr (per_channel_keys) {
+        const float* page_keys = keys + index * page_size * key_floats();
+        if (filled < page_size) {
+          std::copy(page_keys, page_keys + filled * key_floats(), seq.window.data());
+        } else {
+          bool moved = false;
+          for (std::int64_t j = index * page_size; j < (index + 1) * page_size; ++j) {
+            moved = moved || changed(j);
+          }
+          if (moved) {
+            plan.requantized.push_back({page, page_keys});
+            continue;
+          }
+        }
+      }
+      plan.folds.push_back({page, 0, filled, 0, per_channel_keys ? seq.window.data() : nullptr});
+    }
+    seq.length = count;
+    release_from(seq, pages_for(count));
+  }
+
+  void finish_settle(const exec_type& exec, const settle_plan& plan) {
+    if constexpr (per_channel_keys) {
+      storage_.requantize_keys(exec, plan.requantized);
+      for (const key_page& at : plan.requantized) storage_.set_covered(at.page, page_size);
+    }
+    storage_.fold(plan.folds);
+    for (const page_run& run : plan.folds) storage_.set_covered(run.page, run.slot_end);
   }
 
   // The window of seq's page `index` when that page is its last and not full (kv::per_channel).

@@ -1,9 +1,11 @@
 // kv::cache::unshare and kv::cache::compact: a forked sequence gets its own pages before it is
 // compacted in place, so compacting one branch never changes the other; the compacted branch
 // holds what the view-level compaction (kv::retain::compact, then the key bounds and truncate)
-// gives a sequence that was never forked; and every rejected call leaves the cache as it was.
+// gives a sequence that was never forked, and compact_merged what the view-level merge gives; and
+// every rejected call leaves the cache as it was.
 #include <doctest/doctest.h>
 
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <random>
@@ -255,4 +257,60 @@ TEST_CASE("kv::cache::unshare and compact reject bad arguments and leave the cac
   CHECK(compact({a}, {0, 2}, {1, 9}) == "(no error)");
   CHECK(cache.length(a) == 2);
   CHECK(cache.length(b) == 4);
+}
+
+TEST_CASE("kv::cache::compact_merged of a fork holds what the view-level merge gives") {
+  constexpr int page_size = 16;
+  using cache_t = cache_type<page_size>;
+  INFUSE_RANDOM(rng);
+  const std::int64_t length = rng.integer(page_size + 1, 4 * page_size);
+  const std::uint64_t seed = rng.bits32();
+  cache_t cache(12, {2, 64}, {3, 32});
+  cache_t alone(12, {2, 64}, {3, 32});
+  const kv::sequence_id a = cache.create();
+  append_random(cache, a, length, seed);
+  fill_mass(cache, a, 1.0f);
+  const kv::sequence_id b = cache.fork(a);
+  const kv::sequence_id s = alone.create();
+  append_random(alone, s, length, seed);
+  {
+    const std::vector<kv::sequence_id> batch{s};
+    const auto view = alone.view(batch);
+    const std::int64_t per_page = alone.metadata().mass_per_page();
+    for (std::size_t i = 0; i < cache.pages(a).size(); ++i) {
+      std::memcpy(view.view().mass + alone.pages(s)[i] * per_page,
+                  cache.metadata().mass(cache.pages(a)[i]),
+                  sizeof(float) * static_cast<std::size_t>(per_page));
+    }
+  }
+  std::vector<std::int32_t> kept = random_kept(rng, length);
+  if (kept.empty()) kept.push_back(0);
+  std::vector<std::int32_t> counts(static_cast<std::size_t>(length));
+  for (auto& c : counts) c = static_cast<std::int32_t>(rng.integer(1, 4));
+  std::vector<std::int32_t> alone_counts = counts;
+  const kv::retain::merge<> rule{std::ssize(kept), 0, 0.2f};
+  const infuse::exec::cpu exec(2);
+
+  CHECK(cache.compact_merged(exec, rule, a, kept, counts) == std::ssize(kept));
+  {
+    const std::vector<kv::sequence_id> batch{s};
+    const auto view = alone.view(batch);
+    std::vector<double> workspace(static_cast<std::size_t>(
+        kv::retain::merge_workspace_bytes(exec, view.view(), length, std::ssize(kept)) / 8 + 1));
+    kv::retain::compact_merged(
+        exec, rule, view.view(), 0,
+        host_view<const std::int32_t, 1>(kept.data(), {std::ssize(kept)}),
+        host_view<std::int32_t, 1>(alone_counts.data(), {length}),
+        host_view<std::byte, 1>(reinterpret_cast<std::byte*>(workspace.data()),
+                                {std::ssize(workspace) * 8}));
+    kv::update_key_bounds(view.view(), 0, 0, std::ssize(kept));
+  }
+  alone.truncate(s, length - std::ssize(kept));
+  check_same_sequence(cache, a, alone, s);
+  CHECK(counts == alone_counts);
+  // b keeps the pages a shared with it; a holds copies of its own.
+  CHECK(cache.length(b) == length);
+  for (const std::int32_t page : cache.pages(a)) CHECK(cache.pool().ref_count(page) == 1);
+  for (const std::int32_t page : cache.pages(b)) CHECK(cache.pool().ref_count(page) == 1);
+  CHECK(cache.pool().free_pages() == 12 - std::ssize(cache.pages(a)) - std::ssize(cache.pages(b)));
 }

@@ -18,7 +18,10 @@
 // pages of its own: kv::cache::unshare). Two compacted sequences holding one page is an error (the
 // view shows that much; sharing with sequences outside the batch is the caller's to rule out).
 // Every check runs before the first byte is written. kv::cache::compact does all of it (unshare,
-// move, key bounds, truncate) on host or device memory (kv/page_pool.hpp, kv/cuda/cache.cuh).
+// move, key bounds, truncate) on host or device memory (kv/page_pool.hpp, kv/cuda/cache.cuh), and
+// kv::cache::compact_merged the merge on host memory. kv::per_channel keys (KIVI) are refused
+// here at compile time: their groups belong to a page, so moved or merged keys re-quantize their
+// pages and the window, which the cache holds.
 #pragma once
 
 #include <algorithm>
@@ -87,12 +90,9 @@ void require_cache(const host_cache_view<Layout, KScheme, VScheme>& cache, std::
           "the pool's pages");
 }
 
-// Kept positions of sequence s: strictly ascending, inside the sequence.
-template <class Layout, class KScheme, class VScheme>
-void require_kept(const host_cache_view<Layout, KScheme, VScheme>& cache, std::int32_t s,
-                  const std::int32_t* kept, std::int64_t first, std::int64_t count,
-                  std::string_view call) {
-  const std::int64_t length = cache.length(s);
+// Kept positions of sequence s (of `length` tokens): strictly ascending, inside the sequence.
+inline void require_kept(std::int64_t s, std::int64_t length, const std::int32_t* kept,
+                         std::int64_t first, std::int64_t count, std::string_view call) {
   for (std::int64_t j = first; j < first + count; ++j) {
     const std::int64_t low = j == first ? 0 : std::int64_t{kept[j - 1]} + 1;
     require(kept[j] >= low && kept[j] < length, call, "kept[" + std::to_string(j) + "]", kept[j],
@@ -171,6 +171,10 @@ void compact(const exec::cpu& exec, const host_cache_view<Layout, KScheme, VSche
              host_view<const std::int32_t, 1> sequences,
              host_view<const std::int32_t, 1> kept_indptr, host_view<const std::int32_t, 1> kept,
              host_view<std::int64_t, 1> new_lengths) {
+  static_assert(!is_per_channel<KScheme>,
+                "infuse: kv::per_channel keys share their groups across a page's tokens, so moved "
+                "keys re-quantize their page and the window: use kv::cache::compact; see "
+                "docs/policies.md#kivi-and-zipvl-arrangements");
   constexpr std::string_view call = "infuse::kv::retain::compact";
   const std::int64_t batch = sequences.extent(0);
   require_view(sequences, call, "sequences", {{any_extent}});
@@ -198,8 +202,8 @@ void compact(const exec::cpu& exec, const host_cache_view<Layout, KScheme, VSche
             "kept_indptr[" + std::to_string(i + 1) + "]", kept_indptr(i + 1),
             "from kept_indptr[" + std::to_string(i) + "] to kept.extent(0) " +
                 std::to_string(kept.extent(0)));
-    detail::require_kept(cache, s, kept.data(), kept_indptr(i), kept_indptr(i + 1) - kept_indptr(i),
-                         call);
+    detail::require_kept(s, cache.length(s), kept.data(), kept_indptr(i),
+                         kept_indptr(i + 1) - kept_indptr(i), call);
   }
   exec.parallel_for(batch, [&](std::int64_t i) {
     const std::int64_t count = kept_indptr(i + 1) - kept_indptr(i);
@@ -256,12 +260,23 @@ void decode_token(const vector_format<Scheme>& format, const std::uint8_t* page,
   }
 }
 
+// The keys of token t of sequence s as a kernel reads them (kv::per_channel keys: from the window
+// while their page is not full), heads x head_dim floats.
 template <class Layout, class KScheme, class VScheme>
-void decode_keys(const host_cache_view<Layout, KScheme, VScheme>& cache, token_location at,
-                 float* out) {
+void decode_keys(const host_cache_view<Layout, KScheme, VScheme>& cache, std::int32_t s,
+                 std::int64_t t, float* out) {
   const auto& f = cache.format;
-  decode_token<typename Layout::order>(f.k, cache.page(at.page), f.k_codes_offset(),
-                                       f.k_params_offset(), f.slots, at.slot, out);
+  if constexpr (is_per_channel<KScheme>) {
+    for (std::int32_t h = 0; h < f.k.heads; ++h) {
+      float key[1024];  // head_dim is at most 1024
+      read_key(cache, s, t, h, key);
+      std::copy(key, key + f.k.head_dim, out + std::int64_t{h} * f.k.head_dim);
+    }
+  } else {
+    const token_location at = cache.table.locate(s, t);
+    decode_token<typename Layout::order>(f.k, cache.page(at.page), f.k_codes_offset(),
+                                         f.k_params_offset(), f.slots, at.slot, out);
+  }
 }
 
 template <class Layout, class KScheme, class VScheme>
@@ -311,49 +326,44 @@ std::int64_t merge_workspace_bytes(const exec::cpu& exec,
   return detail::merge_pieces(exec, cache, length, kept).bytes();
 }
 
-// Compacts sequence `sequence` to the ascending positions `kept` (at least one) as compact does,
-// after folding each evicted token e into the kept token j whose key is most similar (cosine over
-// all KV heads' dequantized keys; the lower position among equal similarities; a zero key has
-// similarity 0), when that similarity is at least rule.threshold; other evicted tokens are
-// dropped. A kept token that receives tokens becomes the weighted mean
-//   x_j <- (c_j x_j + sum_e c_e x_e) / (c_j + sum_e c_e)
-// of the dequantized keys and of the values (float64 sums, float means), re-quantized into its
-// records; its mass becomes the sum of the masses, and c_j the sum of the counts. Kept tokens that
-// receive nothing keep their bytes.
-//   counts     (length) tokens each position already stands for (at least 1), updated and
-//              compacted like the records; empty: every token stands for itself.
-//   workspace  merge_workspace_bytes(exec, cache, length, kept.extent(0)) bytes or more, 8-aligned.
-// Returns the new length, kept.extent(0).
-template <class Layout, class KScheme, class VScheme, int Budget, float Threshold, int Recent>
-std::int64_t compact_merged(const exec::cpu& exec, const merge<Budget, Threshold, Recent>& rule,
-                            const host_cache_view<Layout, KScheme, VScheme>& cache,
-                            std::int32_t sequence, host_view<const std::int32_t, 1> kept,
-                            host_view<std::int32_t, 1> counts, host_view<std::byte, 1> workspace) {
-  constexpr std::string_view call = "infuse::kv::retain::compact_merged";
-  using order = typename Layout::order;
+namespace detail {
+
+// compact_merged's checks of the rule, the kept positions and the counts of sequence s of
+// `length` tokens.
+template <int Budget, float Threshold, int Recent>
+void require_merge(const merge<Budget, Threshold, Recent>& rule, std::int64_t s,
+                   std::int64_t length, host_view<const std::int32_t, 1> kept,
+                   host_view<std::int32_t, 1> counts, std::string_view call) {
   require(rule.threshold >= -1.0f && rule.threshold <= 1.0f, call, "rule.threshold", rule.threshold,
           "a cosine similarity in [-1, 1]");
-  detail::require_cache(cache, call);
-  detail::require_sequence(cache, sequence, call);
-  const std::int64_t length = cache.length(sequence);
-  const std::int64_t kept_count = kept.extent(0);
   require_view(kept, call, "kept", {{any_extent}});
-  require(kept_count >= 1, call, "kept.extent(0)", kept_count, "at least 1 token to merge into");
-  detail::require_kept(cache, sequence, kept.data(), 0, kept_count, call);
+  require(kept.extent(0) >= 1, call, "kept.extent(0)", kept.extent(0),
+          "at least 1 token to merge into");
+  require_kept(s, length, kept.data(), 0, kept.extent(0), call);
   require(counts.extent(0) == 0 || counts.extent(0) == length, call, "counts.extent(0)",
           counts.extent(0), "0 (every token counts 1) or the length " + std::to_string(length));
   require_view(counts, call, "counts", {{any_extent}});
   for (std::int64_t t = 0; t < counts.extent(0); ++t) {
     require(counts(t) >= 1, call, "counts[" + std::to_string(t) + "]", counts(t), "at least 1");
   }
-  const detail::merge_workspace pieces = detail::merge_pieces(exec, cache, length, kept_count);
-  require(workspace.extent(0) >= pieces.bytes(), call, "workspace.extent(0)", workspace.extent(0),
-          "at least merge_workspace_bytes(...) = " + std::to_string(pieces.bytes()));
-  require_view(workspace, call, "workspace", {{any_extent}});
-  require(reinterpret_cast<std::uintptr_t>(workspace.data()) % 8 == 0, call, "workspace.data()",
-          workspace.data(), "an 8-byte aligned pointer");
+}
 
-  std::byte* base = workspace.data();
+// The merge of compact_merged, checked, before the kept tokens move: folds each evicted token of
+// sequence `sequence` into its most similar kept token, re-quantizes the receiving kept tokens'
+// values into their records and sums their mass and counts. store_key(j, home, sums, weight,
+// buffer) stores the mean key sums / weight (key_dims doubles; buffer: scratch floats) of kept
+// token j, at `home`. Leaves the kept tokens' keys as floats in workspace piece kept_keys
+// (kept x key_dims): the stored keys, which a receiving token's store_key may replace.
+template <class Layout, class KScheme, class VScheme, int Budget, float Threshold, int Recent,
+          class StoreKey>
+void merge_into_kept(const exec::cpu& exec, const merge<Budget, Threshold, Recent>& rule,
+                     const host_cache_view<Layout, KScheme, VScheme>& cache, std::int32_t sequence,
+                     host_view<const std::int32_t, 1> kept, host_view<std::int32_t, 1> counts,
+                     std::byte* base, StoreKey&& store_key) {
+  using order = typename Layout::order;
+  const std::int64_t length = cache.length(sequence);
+  const std::int64_t kept_count = kept.extent(0);
+  const merge_workspace pieces = merge_pieces(exec, cache, length, kept_count);
   const auto piece = [&]<class T>(std::int64_t offset, T*) {
     return reinterpret_cast<T*>(base + offset);
   };
@@ -376,8 +386,8 @@ std::int64_t compact_merged(const exec::cpu& exec, const merge<Budget, Threshold
   // The kept tokens' keys and norms, then every evicted token's most similar kept token.
   exec.parallel_for(kept_count, [&](std::int64_t j) {
     float* key = kept_keys + j * key_dims;
-    detail::decode_keys(cache, cache.table.locate(sequence, kept(j)), key);
-    norms[j] = detail::squared_norm(key, key_dims);
+    decode_keys(cache, sequence, kept(j), key);
+    norms[j] = squared_norm(key, key_dims);
   });
   for (std::int64_t t = 0, j = 0, e = 0; t < length; ++t) {
     if (j < kept_count && kept(j) == t) {
@@ -389,15 +399,15 @@ std::int64_t compact_merged(const exec::cpu& exec, const merge<Budget, Threshold
   exec.parallel_for_ranges(evicted_count, [&](int thread, std::int64_t begin, std::int64_t end) {
     float* key = scratch + thread * pieces.scratch_floats();
     for (std::int64_t e = begin; e < end; ++e) {
-      detail::decode_keys(cache, cache.table.locate(sequence, evicted[e]), key);
-      const double norm = detail::squared_norm(key, key_dims);
+      decode_keys(cache, sequence, evicted[e], key);
+      const double norm = squared_norm(key, key_dims);
       double best = -INFINITY;
       std::int32_t best_j = -1;
       for (std::int64_t j = 0; j < kept_count; ++j) {
         const float* other = kept_keys + j * key_dims;
         double dot = 0.0;
         for (std::int64_t d = 0; d < key_dims; ++d) dot += double{key[d]} * other[d];
-        const double similarity = detail::cosine(dot, norm, norms[j]);
+        const double similarity = cosine(dot, norm, norms[j]);
         if (similarity > best) {
           best = similarity;
           best_j = static_cast<std::int32_t>(j);
@@ -436,9 +446,9 @@ std::int64_t compact_merged(const exec::cpu& exec, const merge<Budget, Threshold
       const auto add = [&](std::int64_t t) {
         const token_location at = cache.table.locate(sequence, t);
         const double c = count_of(t);
-        detail::decode_keys(cache, at, buffer);
+        decode_keys(cache, sequence, t, buffer);
         for (std::int64_t d = 0; d < key_dims; ++d) key_sums[d] += c * buffer[d];
-        detail::decode_values(cache, at, buffer);
+        decode_values(cache, at, buffer);
         for (std::int64_t d = 0; d < value_dims; ++d) value_sums[d] += c * buffer[d];
         weight += c;
         if (mass != nullptr && t != kept(j)) {
@@ -448,16 +458,61 @@ std::int64_t compact_merged(const exec::cpu& exec, const merge<Budget, Threshold
       };
       add(kept(j));
       for (std::int32_t i = merged_indptr[j]; i < merged_indptr[j + 1]; ++i) add(merged[i]);
-      std::uint8_t* page = cache.page(home.page);
-      detail::encode_token<order>(f.k, page, f.k_codes_offset(), f.k_params_offset(), f.slots,
-                                  home.slot, key_sums, weight, buffer);
-      detail::encode_token<order>(f.v, page, f.v_codes_offset(), f.v_params_offset(), f.slots,
-                                  home.slot, value_sums, weight, buffer);
+      store_key(j, home, key_sums, weight, buffer);
+      encode_token<order>(f.v, cache.page(home.page), f.v_codes_offset(), f.v_params_offset(),
+                          f.slots, home.slot, value_sums, weight, buffer);
       if (token_counts != nullptr) token_counts[kept(j)] = static_cast<std::int32_t>(weight);
     }
   });
-  detail::move_kept(cache, sequence, kept.data(), kept_count, token_counts);
-  return kept_count;
+}
+
+}  // namespace detail
+
+// Compacts sequence `sequence` to the ascending positions `kept` (at least one) as compact does,
+// after folding each evicted token e into the kept token j whose key is most similar (cosine over
+// all KV heads' dequantized keys; the lower position among equal similarities; a zero key has
+// similarity 0), when that similarity is at least rule.threshold; other evicted tokens are
+// dropped. A kept token that receives tokens becomes the weighted mean
+//   x_j <- (c_j x_j + sum_e c_e x_e) / (c_j + sum_e c_e)
+// of the dequantized keys and of the values (float64 sums, float means), re-quantized into its
+// records; its mass becomes the sum of the masses, and c_j the sum of the counts. Kept tokens that
+// receive nothing keep their bytes.
+//   counts     (length) tokens each position already stands for (at least 1), updated and
+//              compacted like the records; empty: every token stands for itself.
+//   workspace  merge_workspace_bytes(exec, cache, length, kept.extent(0)) bytes or more, 8-aligned.
+// Returns the new length, kept.extent(0). kv::per_channel keys are re-quantized per page, which
+// the cache does: kv::cache::compact_merged.
+template <class Layout, class KScheme, class VScheme, int Budget, float Threshold, int Recent>
+std::int64_t compact_merged(const exec::cpu& exec, const merge<Budget, Threshold, Recent>& rule,
+                            const host_cache_view<Layout, KScheme, VScheme>& cache,
+                            std::int32_t sequence, host_view<const std::int32_t, 1> kept,
+                            host_view<std::int32_t, 1> counts, host_view<std::byte, 1> workspace) {
+  static_assert(!is_per_channel<KScheme>,
+                "infuse: kv::per_channel keys share their groups across a page's tokens, so a "
+                "merged key re-quantizes its page and the window: use kv::cache::compact_merged; "
+                "see docs/policies.md#kivi-and-zipvl-arrangements");
+  constexpr std::string_view call = "infuse::kv::retain::compact_merged";
+  using order = typename Layout::order;
+  detail::require_cache(cache, call);
+  detail::require_sequence(cache, sequence, call);
+  const std::int64_t length = cache.length(sequence);
+  detail::require_merge(rule, sequence, length, kept, counts, call);
+  const std::int64_t bytes = merge_workspace_bytes(exec, cache, length, kept.extent(0));
+  require(workspace.extent(0) >= bytes, call, "workspace.extent(0)", workspace.extent(0),
+          "at least merge_workspace_bytes(...) = " + std::to_string(bytes));
+  require_view(workspace, call, "workspace", {{any_extent}});
+  require(reinterpret_cast<std::uintptr_t>(workspace.data()) % 8 == 0, call, "workspace.data()",
+          workspace.data(), "an 8-byte aligned pointer");
+  const auto& f = cache.format;
+  detail::merge_into_kept(
+      exec, rule, cache, sequence, kept, counts, workspace.data(),
+      [&](std::int64_t, token_location home, const double* sums, double weight, float* buffer) {
+        detail::encode_token<order>(f.k, cache.page(home.page), f.k_codes_offset(),
+                                    f.k_params_offset(), f.slots, home.slot, sums, weight, buffer);
+      });
+  detail::move_kept(cache, sequence, kept.data(), kept.extent(0),
+                    counts.extent(0) == 0 ? nullptr : counts.data());
+  return kept.extent(0);
 }
 
 }  // namespace infuse::kv::retain
