@@ -38,6 +38,9 @@ namespace bench = infuse::bench;
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
 namespace sparse = infuse::sparse;
+using infuse::half;
+using infuse::half_at_least;
+using infuse::half_at_most;
 using infuse::host_view;
 
 constexpr std::int32_t q_heads = 32;
@@ -56,7 +59,7 @@ struct store {
   kv::cache_view<Layout, S, S> view{};
   std::vector<std::uint64_t, kv::page_allocator<std::uint64_t>> bytes;  // as a page_pool holds them
   std::vector<std::int32_t> indptr, indices, last;
-  std::vector<float> key_min, key_max;
+  std::vector<half, kv::page_allocator<half>> key_min, key_max;  // as page_metadata holds them
 
   store(std::int64_t context, std::int64_t batch) {
     auto& f = view.format;
@@ -95,8 +98,8 @@ struct store {
     key_max.resize(key_min.size());
     for (std::size_t i = 0; i < key_min.size(); ++i) {
       const float center = normal(engine);
-      key_min[i] = center - 1.0f;
-      key_max[i] = center + 1.0f;
+      key_min[i] = half_at_most(center - 1.0f);
+      key_max[i] = half_at_least(center + 1.0f);
     }
     view.pages = base;
     view.pool_pages = pool;

@@ -196,6 +196,7 @@ sparse::query_context decode_query_context(const kv::cache_view<Layout, K, V>& c
   c.key_min = cache.key_min;
   c.key_max = cache.key_max;
   c.mass = cache.mass;
+  c.pool_pages = cache.pool_pages;
   return c;
 }
 

@@ -277,6 +277,27 @@ INFUSE_HOST_DEVICE constexpr std::uint16_t float_to_bfloat16_bits(float value) {
 INFUSE_HOST_DEVICE constexpr float bfloat16_bits_to_float(std::uint16_t bits) {
   return bits_to_float<bfloat16>(bits);
 }
+
+// The largest half not above value, and the smallest not below it (NaN stays NaN): rounding that
+// keeps a lower or upper bound one, exactly as round-toward-minus- or plus-infinity would.
+INFUSE_HOST_DEVICE constexpr half half_at_most(float value) {
+  const half nearest(value);
+  if (!(static_cast<float>(nearest) > value)) return nearest;  // equal, below, or NaN
+  // One step toward -inf: away from zero below it, toward zero above it, +0 to the least negative.
+  const unsigned bits = nearest.bits();
+  return half::from_bits(static_cast<std::uint16_t>((bits & 0x8000u) != 0 ? bits + 1
+                                                    : bits == 0           ? 0x8001u
+                                                                          : bits - 1));
+}
+INFUSE_HOST_DEVICE constexpr half half_at_least(float value) {
+  const half nearest(value);
+  if (!(static_cast<float>(nearest) < value)) return nearest;
+  const unsigned bits = nearest.bits();
+  return half::from_bits(static_cast<std::uint16_t>((bits & 0x8000u) == 0 ? bits + 1
+                                                    : bits == 0x8000u     ? 0x0001u
+                                                                          : bits - 1));
+}
+
 template <fp8_float T>
 INFUSE_HOST_DEVICE constexpr std::uint8_t float_to_fp8_bits(float value,
                                                             saturation mode = saturation::finite) {

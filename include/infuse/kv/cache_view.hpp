@@ -10,6 +10,7 @@
 
 #include "infuse/core/config.hpp"
 #include "infuse/core/error.hpp"
+#include "infuse/core/float_types.hpp"
 #include "infuse/core/memory.hpp"
 #include "infuse/kv/format.hpp"
 #include "infuse/kv/layout.hpp"
@@ -36,10 +37,10 @@ struct cache_view {
   format_type format{};  // format.slots: the page size (contiguous: the run's capacity)
   typename Layout::table_view table{};
   // Per-page metadata, null when not kept: (pool_pages, k.heads, k.head_dim) key minimum and
-  // maximum per channel over the page's stored (dequantized) keys; (pool_pages, slots, k.heads)
-  // attention mass accumulated per token.
-  float* key_min = nullptr;
-  float* key_max = nullptr;
+  // maximum per channel over the page's stored (dequantized) keys, rounded outward to half
+  // (kv/metadata.hpp); (pool_pages, slots, k.heads) attention mass accumulated per token.
+  half* key_min = nullptr;
+  half* key_max = nullptr;
   float* mass = nullptr;
   // kv::per_channel keys: per sequence of the table, the full-precision keys of its last page
   // while that page is not full, (format.slots, k.heads, k.head_dim) floats, slot after slot;
@@ -51,9 +52,19 @@ struct cache_view {
   INFUSE_HOST_DEVICE std::uint8_t* page(std::int32_t index) const {
     return pages + std::int64_t{index} * format.page_bytes();
   }
-  // Token t (below length(s)) of sequence s.
+  // Token t (below length(s)) of sequence s: its page index and slot. On a device the index is
+  // clamped to the pool: the host checked its own copy of the table, and a device copy that
+  // disagrees must still not send a kernel outside the pool.
+  INFUSE_HOST_DEVICE token_location location(std::int32_t s, std::int64_t t) const {
+    token_location at = table.locate(s, t);
+#if defined(__CUDA_ARCH__)
+    at.page = at.page < 0 ? 0 : at.page < pool_pages ? at.page : pool_pages - 1;
+#endif
+    return at;
+  }
+  // The same as the page's bytes and the slot.
   INFUSE_HOST_DEVICE token_address locate(std::int32_t s, std::int64_t t) const {
-    const token_location at = table.locate(s, t);
+    const token_location at = location(s, t);
     return {page(at.page), at.slot};
   }
 };

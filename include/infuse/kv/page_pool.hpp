@@ -391,8 +391,8 @@ class host_page_storage {
 
   // What a cache_view points at.
   [[nodiscard]] std::uint8_t* pages() { return pool_.data(); }
-  [[nodiscard]] float* key_min() { return metadata_.key_min(); }
-  [[nodiscard]] float* key_max() { return metadata_.key_max(); }
+  [[nodiscard]] half* key_min() { return metadata_.key_min(); }
+  [[nodiscard]] half* key_max() { return metadata_.key_max(); }
   [[nodiscard]] float* mass() { return metadata_.mass(); }
 
   // What cache::view(batch) returns: the table and the view over it, on the host.

@@ -25,6 +25,7 @@
 #include <string_view>
 
 #include "infuse/core/config.hpp"
+#include "infuse/core/float_types.hpp"
 
 namespace infuse::sparse {
 
@@ -54,14 +55,17 @@ struct query_context {
   const std::int32_t* pages;    // the sequence's pool pages in token order
   std::int32_t kv_heads;
   // Per-page metadata of the cache, null when the cache keeps none: (pool pages, kv_heads,
-  // head_dim) per-channel minimum and maximum of the stored keys; (pool pages, page_size,
-  // kv_heads) attention mass accumulated per token.
-  const float* key_min;
-  const float* key_max;
+  // head_dim) per-channel minimum and maximum of the stored keys, rounded outward to half;
+  // (pool pages, page_size, kv_heads) attention mass accumulated per token.
+  const half* key_min;
+  const half* key_max;
   const float* mass;
   // Scratch the kernel hands to select(): `scratch_floats` floats of its own.
   float* scratch;
   std::int64_t scratch_floats;
+  // Pages of the pool: a device clamps the page indices it reads metadata at to [0, pool_pages),
+  // since only the host's copy of the page table was checked.
+  std::int32_t pool_pages;
 };
 
 // The pair a mask decides on.

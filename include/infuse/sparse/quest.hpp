@@ -14,6 +14,9 @@
 #include "infuse/core/config.hpp"
 #include "infuse/core/error.hpp"
 #include "infuse/sparse/policy.hpp"
+#if !defined(__CUDA_ARCH__)
+#include "infuse/sparse/cpu/page_bound.hpp"
+#endif
 
 namespace infuse::sparse {
 
@@ -25,11 +28,19 @@ INFUSE_HOST_DEVICE inline std::int64_t context_pages(const query_context& q) {
 }
 
 // The Quest bound of q·k (unscaled) over page i (0 <= i < pages) of the sequence: the largest over
-// the group's query heads. A NaN bound (a NaN query) reads as +inf, so the page is kept.
+// the group's query heads. A NaN bound (a NaN query) reads as +inf, so the page is kept. The CPU
+// computes the same sum in the same order in registers (sparse/cpu/page_bound.hpp).
 INFUSE_HOST_DEVICE inline float page_bound(const query_context& q, std::int64_t i) {
-  const std::int64_t base = (std::int64_t{q.pages[i]} * q.kv_heads + q.kv_head) * q.head_dim;
-  const float* lo = q.key_min + base;
-  const float* hi = q.key_max + base;
+  std::int32_t page = q.pages[i];
+#if defined(__CUDA_ARCH__)
+  page = page < 0 ? 0 : page < q.pool_pages ? page : q.pool_pages - 1;
+#endif
+  const std::int64_t base = (std::int64_t{page} * q.kv_heads + q.kv_head) * q.head_dim;
+  const half* lo = q.key_min + base;
+  const half* hi = q.key_max + base;
+#if !defined(__CUDA_ARCH__)
+  return cpu::page_bound(q.q, q.group, q.head_dim, lo, hi);
+#else
   // Sixteen partial sums, lane by lane: a loop compilers vectorize without reassociating a sum.
   constexpr int lanes = 16;
   float best = -INFINITY;
@@ -39,17 +50,20 @@ INFUSE_HOST_DEVICE inline float page_bound(const query_context& q, std::int64_t 
     std::int32_t d = 0;
     for (; d + lanes <= q.head_dim; d += lanes) {
       for (int l = 0; l < lanes; ++l) {
-        const float a = qg[d + l] * lo[d + l];
-        const float b = qg[d + l] * hi[d + l];
+        const float a = qg[d + l] * static_cast<float>(lo[d + l]);
+        const float b = qg[d + l] * static_cast<float>(hi[d + l]);
         part[l] += a > b ? a : b;
       }
     }
-    for (; d < q.head_dim; ++d) part[0] += fmaxf(qg[d] * lo[d], qg[d] * hi[d]);
+    for (; d < q.head_dim; ++d) {
+      part[0] += fmaxf(qg[d] * static_cast<float>(lo[d]), qg[d] * static_cast<float>(hi[d]));
+    }
     float sum = 0.0f;
     for (int l = 0; l < lanes; ++l) sum += part[l];
     best = sum != sum ? INFINITY : fmaxf(best, sum);
   }
   return best;
+#endif
 }
 
 #if !defined(__CUDA_ARCH__)
@@ -60,7 +74,7 @@ inline constexpr std::int64_t bounds_ahead = 4;
 // Requests the key bounds of page i of the sequence.
 inline void prefetch_bounds(const query_context& q, std::int64_t i) {
   const std::int64_t base = (std::int64_t{q.pages[i]} * q.kv_heads + q.kv_head) * q.head_dim;
-  for (std::int32_t d = 0; d < q.head_dim; d += 16) {
+  for (std::int32_t d = 0; d < q.head_dim; d += 32) {  // a 64-byte line of halves
     __builtin_prefetch(q.key_min + base + d);
     __builtin_prefetch(q.key_max + base + d);
   }

@@ -40,7 +40,8 @@ struct device_store {
 
   device_buffer<float> pool;  // the pool's bytes, as floats (cudaMalloc aligns to 256)
   device_buffer<std::int32_t> indptr, indices, last_page_len, lengths;
-  device_buffer<float> key_min, key_max, mass;
+  device_buffer<infuse::half> key_min, key_max;
+  device_buffer<float> mass;
   view_type view;
 
   explicit device_store(host_store& st)

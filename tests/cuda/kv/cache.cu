@@ -22,6 +22,7 @@
 #include "infuse/quant/quant.hpp"
 #include "support/cuda.cuh"
 #include "support/errors.hpp"
+#include "support/key_bounds.hpp"
 #include "support/random.hpp"
 
 namespace kv = infuse::kv;
@@ -73,12 +74,9 @@ void check_same(const Host& host, const Device& device, kv::sequence_id last_id)
                                << first_difference / static_cast<std::size_t>(host.page_bytes())
                                << ")");
   CHECK(first_difference == bytes.size());
-  const auto same_floats = [](const std::vector<float>& got, const float* want) {
-    return std::memcmp(got.data(), want, got.size() * sizeof(float)) == 0;  // NaN, -0 included
-  };
-  CHECK(same_floats(device.metadata().key_min_to_host(), host.metadata().key_min()));
-  CHECK(same_floats(device.metadata().key_max_to_host(), host.metadata().key_max()));
-  CHECK(same_floats(device.metadata().mass_to_host(), host.metadata().mass()));
+  CHECK(infuse::test::same_bits(device.metadata().key_min_to_host(), host.metadata().key_min()));
+  CHECK(infuse::test::same_bits(device.metadata().key_max_to_host(), host.metadata().key_max()));
+  CHECK(infuse::test::same_bits(device.metadata().mass_to_host(), host.metadata().mass()));
   for (kv::sequence_id s = 0; s < last_id; ++s) {
     INFO("sequence " << s);
     REQUIRE(device.contains(s) == host.contains(s));

@@ -52,8 +52,8 @@ class prefill_store {
     pool_.assign(static_cast<std::size_t>(pool_pages_ * format_.page_bytes()), 0xFF);
     if (key_bounds) {
       const auto count = static_cast<std::size_t>(std::int64_t{pool_pages_} * kv_heads * k_dim);
-      key_min_.assign(count, 0.0f);
-      key_max_.assign(count, 0.0f);
+      key_min_.assign(count, infuse::half(0.0f));
+      key_max_.assign(count, infuse::half(0.0f));
     }
   }
 
@@ -76,8 +76,8 @@ class prefill_store {
   const format_type& format() const { return format_; }
   const std::vector<std::uint8_t>& bytes() const { return pool_; }
   std::vector<std::uint8_t>& bytes() { return pool_; }
-  const std::vector<float>& key_min() const { return key_min_; }
-  const std::vector<float>& key_max() const { return key_max_; }
+  const std::vector<infuse::half>& key_min() const { return key_min_; }
+  const std::vector<infuse::half>& key_max() const { return key_max_; }
 
   // Encodes random K and V (normal, stddev 1) into tokens 0 .. prefix of sequence s.
   void fill_prefix(seeded_rng& rng, std::int32_t s, std::int64_t prefix) {
@@ -159,7 +159,7 @@ class prefill_store {
   std::vector<std::int32_t> indptr_, indices_, last_page_len_;
   std::int32_t pool_pages_ = 0;
   std::vector<std::uint8_t> pool_;
-  std::vector<float> key_min_, key_max_;
+  std::vector<infuse::half> key_min_, key_max_;
 };
 
 }  // namespace infuse::test

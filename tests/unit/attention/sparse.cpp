@@ -108,6 +108,19 @@ TEST_CASE("quest bounds q·k from above and reads the pages of highest bound") {
         c.key_max = cache.key_max;
         const float bound = sparse::detail::page_bound(c, p);
         bounds.push_back(bound);
+        // Quest's rule over the stored bounds, in float64.
+        const std::int64_t base = (std::int64_t{c.pages[p]} * 2 + h) * dim;
+        double rule = -INFINITY;
+        for (std::int32_t g = 0; g < group; ++g) {
+          double sum = 0;
+          for (std::int32_t d = 0; d < dim; ++d) {
+            const double qd = q[g * dim + d];
+            sum += std::max(qd * static_cast<float>(cache.key_min[base + d]),
+                            qd * static_cast<float>(cache.key_max[base + d]));
+          }
+          rule = std::max(rule, sum);
+        }
+        CHECK(bound == doctest::Approx(rule).epsilon(1e-5).scale(1.0));
         double best = -INFINITY;
         for (std::int64_t t = p * 16; t < std::min(length, (p + 1) * 16); ++t) {
           for (std::int32_t g = 0; g < group; ++g) {

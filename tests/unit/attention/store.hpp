@@ -22,7 +22,8 @@ struct kv_store {
   std::int32_t pool_pages = 0;
   std::vector<float> storage;  // the pool's bytes, float-aligned
   std::vector<std::int32_t> indptr, indices, last_page_len, lengths;
-  std::vector<float> key_min, key_max, mass;
+  std::vector<infuse::half> key_min, key_max;  // outward-rounded halves of the float bounds
+  std::vector<float> mass;
   // Per sequence, as the kernel reads them: (length, heads, head_dim), dequantized.
   std::vector<std::vector<float>> k, v;
 
@@ -96,8 +97,8 @@ kv_store<Layout, KScheme, VScheme> make_store(seeded_rng& rng,
   const std::int64_t page_bytes = st.format.page_bytes();
   st.storage.assign(static_cast<std::size_t>(st.pool_pages * page_bytes / 4), 0.0f);
   const std::size_t meta = static_cast<std::size_t>(st.pool_pages) * kv_heads * k_dim;
-  st.key_min.assign(meta, INFINITY);
-  st.key_max.assign(meta, -INFINITY);
+  st.key_min.assign(meta, infuse::half(INFINITY));
+  st.key_max.assign(meta, infuse::half(-INFINITY));
   st.mass.assign(static_cast<std::size_t>(st.pool_pages) * st.format.slots * kv_heads, 0.0f);
   std::vector<float> offsets = rng.normals(static_cast<std::size_t>(k_dim), 0.5);
   std::vector<float> x(static_cast<std::size_t>(std::max(k_dim, v_dim)));
@@ -120,8 +121,9 @@ kv_store<Layout, KScheme, VScheme> make_store(seeded_rng& rng,
           const float value = st.format.k.value(kc, kp, d);
           st.k[s][(t * kv_heads + h) * k_dim + d] = value;
           const std::size_t m = (static_cast<std::size_t>(page) * kv_heads + h) * k_dim + d;
-          st.key_min[m] = std::min(st.key_min[m], value);
-          st.key_max[m] = std::max(st.key_max[m], value);
+          // Rounding outward commutes with min and max: this is the rounded float bound.
+          st.key_min[m] = infuse::half_at_most(std::min(static_cast<float>(st.key_min[m]), value));
+          st.key_max[m] = infuse::half_at_least(std::max(static_cast<float>(st.key_max[m]), value));
         }
         for (std::int32_t d = 0; d < v_dim; ++d) x[d] = static_cast<float>(rng.normal());
         auto* vc = st.format.v_codes(base, slot, h);

@@ -2,6 +2,7 @@
 
 #include <doctest/doctest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -250,6 +251,41 @@ TEST_CASE_TEMPLATE("every value survives a round trip through float", T, INFUSE_
         log.add(hex(bits) + " differs through the constructor");
       }
       if (round_trip != expected) log.add(hex(bits) + " comes back as " + hex(round_trip));
+    }
+  }
+  CHECK_NO_MISMATCHES(log);
+}
+
+TEST_CASE("half_at_most and half_at_least give the nearest half on each side") {
+  INFUSE_RANDOM(rng);
+  const reference::encoder& encoder = reference_encoder<infuse::half>();
+  // Every half value in increasing order, the infinities included (the encoder lists the
+  // non-negative finite ones, then one past the largest).
+  const std::vector<double>& positive = encoder.values();
+  std::vector<double> values{-INFINITY};
+  for (std::size_t i = positive.size() - 1; i-- > 1;) values.push_back(-positive[i]);
+  values.insert(values.end(), positive.begin(), positive.end() - 1);
+  values.push_back(INFINITY);
+  std::vector<float> probes = reference::probe_floats(encoder, rng.engine(), 1 << 18);
+  for (const float edge : {0.0f, -0.0f, 65504.0f, 65505.0f, 65520.0f, 1e9f, INFINITY, 6e-8f, 1e-10f,
+                           std::numeric_limits<float>::denorm_min(), NAN}) {
+    probes.push_back(edge);
+    probes.push_back(-edge);
+  }
+  mismatches log;
+  for (const float x : probes) {
+    const auto at_most = static_cast<double>(static_cast<float>(infuse::half_at_most(x)));
+    const auto at_least = static_cast<double>(static_cast<float>(infuse::half_at_least(x)));
+    if (std::isnan(x)) {
+      if (!std::isnan(at_most) || !std::isnan(at_least)) log.add(describe(x) + " is not NaN");
+      continue;
+    }
+    // The largest value <= x and the smallest >= x.
+    const double below_x = *(std::upper_bound(values.begin(), values.end(), double{x}) - 1);
+    const double above_x = *std::lower_bound(values.begin(), values.end(), double{x});
+    if (at_most != below_x || at_least != above_x) {
+      log.add(describe(x) + " gives " + std::to_string(at_most) + " and " +
+              std::to_string(at_least));
     }
   }
   CHECK_NO_MISMATCHES(log);

@@ -18,6 +18,7 @@
 #include "infuse/quant/quant.hpp"
 #include "support/errors.hpp"
 #include "support/random.hpp"
+#include "support/key_bounds.hpp"
 
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
@@ -116,7 +117,8 @@ int stale_key_bounds(Cache& cache, kv::sequence_id s) {
         lo = std::min(lo, stored[std::size_t(t)][std::size_t(c)]);
         hi = std::max(hi, stored[std::size_t(t)][std::size_t(c)]);
       }
-      wrong += cache.metadata().key_min(page)[c] != lo || cache.metadata().key_max(page)[c] != hi;
+      wrong += !infuse::test::bounds_are(cache.metadata().key_min(page)[c],
+                                         cache.metadata().key_max(page)[c], lo, hi);
     }
   }
   return wrong;

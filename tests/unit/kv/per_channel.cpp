@@ -20,6 +20,7 @@
 #include "infuse/quant/quant.hpp"
 #include "support/errors.hpp"
 #include "support/random.hpp"
+#include "support/key_bounds.hpp"
 
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
@@ -169,7 +170,8 @@ void check_key_bounds(Cache& cache, std::span<const kv::sequence_id> live) {
         lo = std::min(lo, x);
         hi = std::max(hi, x);
       }
-      wrong += cache.metadata().key_min(page)[c] != lo || cache.metadata().key_max(page)[c] != hi;
+      wrong += !infuse::test::bounds_are(cache.metadata().key_min(page)[c],
+                                         cache.metadata().key_max(page)[c], lo, hi);
     }
   }
   CHECK_MESSAGE(wrong == 0, wrong << " key bounds differ from the keys read back");

@@ -103,9 +103,9 @@ void check_same_sequence(const Cache& x, kv::sequence_id a, const Cache& y, kv::
     const std::int32_t p = x.pages(a)[i];
     const std::int32_t q = y.pages(b)[i];
     CHECK(std::memcmp(x.metadata().key_min(p), y.metadata().key_min(q),
-                      sizeof(float) * static_cast<std::size_t>(per_page)) == 0);
+                      sizeof(infuse::half) * static_cast<std::size_t>(per_page)) == 0);
     CHECK(std::memcmp(x.metadata().key_max(p), y.metadata().key_max(q),
-                      sizeof(float) * static_cast<std::size_t>(per_page)) == 0);
+                      sizeof(infuse::half) * static_cast<std::size_t>(per_page)) == 0);
   }
 }
 

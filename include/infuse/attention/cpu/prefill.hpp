@@ -43,6 +43,7 @@
 #include "infuse/gemm/cpu/gemv.hpp"
 #include "infuse/kv/cache_view.hpp"
 #include "infuse/kv/format.hpp"
+#include "infuse/kv/metadata.hpp"
 #include "infuse/quant/none.hpp"
 #include "infuse/sparse/dense.hpp"
 #include "infuse/sparse/policy.hpp"
@@ -280,7 +281,8 @@ class prefill_kernel {
                                         cache_.key_max,
                                         cache_.mass,
                                         t.select_scratch.data(),
-                                        static_cast<std::int64_t>(t.select_scratch.size())};
+                                        static_cast<std::int64_t>(t.select_scratch.size()),
+                                        cache_.pool_pages};
     const std::int64_t capacity = Sparsity::max_ranges(params_, context);
     if (static_cast<std::int64_t>(t.ranges.size()) < capacity) {
       t.ranges.resize(static_cast<std::size_t>(capacity));
@@ -618,7 +620,8 @@ class few_query_kernel {
                                             cache_.key_max,
                                             cache_.mass,
                                             select_scratch.data(),
-                                            std::ssize(select_scratch)};
+                                            std::ssize(select_scratch),
+                                            cache_.pool_pages};
         unit u{b, h, q_indptr_(b), queries, length, new_begin, queries * group_, {}};
         u.ranges.resize(static_cast<std::size_t>(
             std::max<std::int64_t>(0, Sparsity::max_ranges(params_, context))));
@@ -823,21 +826,9 @@ void update_key_bounds(const exec::cpu& exec, host_view<const std::int32_t, 1> q
           static_cast<std::int32_t>(std::min<std::int64_t>(slots, length - page * slots));
       const kv::token_address at = cache.locate(b, page * slots);
       const std::int64_t index = (at.page - cache.pages) / format.page_bytes();
-      for (std::int32_t h = 0; h < format.k.heads; ++h) {
-        float* lo = cache.key_min + (index * format.k.heads + h) * format.k.head_dim;
-        float* hi = cache.key_max + (index * format.k.heads + h) * format.k.head_dim;
-        std::fill(lo, lo + format.k.head_dim, INFINITY);
-        std::fill(hi, hi + format.k.head_dim, -INFINITY);
-        for (std::int32_t slot = 0; slot < filled; ++slot) {
-          const std::uint8_t* codes = format.k_codes(at.page, slot, h);
-          const std::uint8_t* params = format.k_params(at.page, slot, h);
-          for (std::int32_t e = 0; e < format.k.head_dim; ++e) {
-            const float value = format.k.value(codes, params, e);
-            lo[e] = std::min(lo[e], value);
-            hi[e] = std::max(hi[e], value);
-          }
-        }
-      }
+      const std::int64_t values = std::int64_t{format.k.heads} * format.k.head_dim;
+      kv::detail::fold_key_bounds(format, at.page, 0, filled, cache.key_min + index * values,
+                                  cache.key_max + index * values);
     }
   });
 }

@@ -199,6 +199,7 @@ __global__ void __launch_bounds__(threads_per_cta)
   c.key_min = cache.key_min;
   c.key_max = cache.key_max;
   c.mass = cache.mass;
+  c.pool_pages = cache.pool_pages;
   c.scratch = parts.scratch + unit * plan.scratch_floats;
   c.scratch_floats = plan.scratch_floats;
   sparse::token_range* ranges = parts.ranges + unit * plan.room;
@@ -332,7 +333,7 @@ __global__ void __launch_bounds__(threads_per_cta)
         const float score = weights(s, q_head, t);
         weight = score == -INFINITY ? 0.0f : fast_exp2(score - lse2);
         if (accumulate_mass && weight != 0.0f) {
-          const kv::token_location at = cache.table.locate(s, t);
+          const kv::token_location at = cache.location(s, t);
           atomicAdd(
               &cache.mass[(std::int64_t{at.page} * cache.format.slots + at.slot) * kv_heads + h],
               weight);

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(threads_per_cta)
 }
 
 // 2. key_min and key_max of the pages that received new keys of sequence blockIdx.x, KV head
-// blockIdx.y, one channel a thread.
+// blockIdx.y, one channel a thread, rounded outward to half as the host's bounds are.
 template <class Layout, class K, class V>
 __global__ void __launch_bounds__(threads_per_cta)
     prefill_bounds_kernel(kv::cache_view<Layout, K, V, device_memory> cache,
@@ -113,8 +113,8 @@ __global__ void __launch_bounds__(threads_per_cta)
     const auto filled = static_cast<std::int32_t>(left < slots ? left : slots);
     const kv::token_address at = cache.locate(b, page * slots);
     const std::int64_t index = (at.page - cache.pages) / f.page_bytes();
-    float* lo = cache.key_min + (index * f.k.heads + h) * f.k.head_dim;
-    float* hi = cache.key_max + (index * f.k.heads + h) * f.k.head_dim;
+    half* lo = cache.key_min + (index * f.k.heads + h) * f.k.head_dim;
+    half* hi = cache.key_max + (index * f.k.heads + h) * f.k.head_dim;
     for (std::int32_t d = static_cast<std::int32_t>(threadIdx.x); d < f.k.head_dim;
          d += threads_per_cta) {
       float low = INFINITY;
@@ -124,8 +124,8 @@ __global__ void __launch_bounds__(threads_per_cta)
         low = fminf(low, value);
         high = fmaxf(high, value);
       }
-      lo[d] = low;
-      hi[d] = high;
+      lo[d] = half_at_most(low);
+      hi[d] = half_at_least(high);
     }
   }
 }
@@ -200,6 +200,7 @@ __global__ void __launch_bounds__(threads_per_cta)
     c.key_min = cache.key_min;
     c.key_max = cache.key_max;
     c.mass = cache.mass;
+    c.pool_pages = cache.pool_pages;
     // A policy that could write more ranges than shared memory holds is not run: the tile then
     // reads nothing (no shipped policy without scratch writes more than 2).
     const bool fits = Sparsity::max_ranges(sparsity, c) <= range_capacity;

@@ -176,32 +176,34 @@ __global__ void __launch_bounds__(append_threads)
 }
 
 // One block per run (runs[blockIdx.x], or `single` when runs is null): each thread folds the
-// run's stored keys of its channels into the page's bounds, slot after slot as the host does;
-// a run from slot 0 starts the bounds afresh.
+// run's stored keys of its channels into the page's bounds, slot after slot as the host does,
+// and stores them rounded outward to half (the rounding of a running minimum is the running
+// minimum of the roundings: the host's fold_key gives the same bits); a run from slot 0 starts
+// the bounds afresh.
 template <class Format>
 __global__ void __launch_bounds__(append_threads)
     fold_bounds_kernel(Format format, const page_run* runs, page_run single,
-                       const std::uint8_t* pages, float* key_min, float* key_max) {
+                       const std::uint8_t* pages, half* key_min, half* key_max) {
   const page_run run = runs == nullptr ? single : runs[blockIdx.x];
   const std::int32_t head_dim = format.k.head_dim;
   const std::int64_t channels = std::int64_t{format.k.heads} * head_dim;
   const std::uint8_t* page = pages + run.page * format.page_bytes();
-  float* page_min = key_min + run.page * channels;
-  float* page_max = key_max + run.page * channels;
+  half* page_min = key_min + run.page * channels;
+  half* page_max = key_max + run.page * channels;
   for (std::int64_t c = threadIdx.x; c < channels; c += append_threads) {
     const auto head = static_cast<std::int32_t>(c / head_dim);
     const auto d = static_cast<int>(c % head_dim);
     const float infinity = __int_as_float(0x7f800000);
-    float lo = run.slot_begin == 0 ? infinity : page_min[c];
-    float hi = run.slot_begin == 0 ? -infinity : page_max[c];
+    float lo = run.slot_begin == 0 ? infinity : static_cast<float>(page_min[c]);
+    float hi = run.slot_begin == 0 ? -infinity : static_cast<float>(page_max[c]);
     for (std::int32_t slot = run.slot_begin; slot < run.slot_end; ++slot) {
       const float key =
           format.k.value(format.k_codes(page, slot, head), format.k_params(page, slot, head), d);
       lo = key < lo ? key : lo;  // std::min(lo, key)
       hi = hi < key ? key : hi;  // std::max(hi, key)
     }
-    page_min[c] = lo;
-    page_max[c] = hi;
+    page_min[c] = half_at_most(lo);
+    page_max[c] = half_at_least(hi);
   }
 }
 

@@ -30,6 +30,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <span>
 #include <string>
@@ -110,10 +111,10 @@ class device_page_metadata {
       : bounds_per_page_(std::int64_t{k_heads} * k_head_dim),
         mass_per_page_(std::int64_t{slots} * k_heads),
         exec_(exec),
-        key_min_(std::vector<float>(static_cast<std::size_t>(pages * bounds_per_page_),
-                                    std::numeric_limits<float>::infinity())),
-        key_max_(std::vector<float>(static_cast<std::size_t>(pages * bounds_per_page_),
-                                    -std::numeric_limits<float>::infinity())),
+        key_min_(std::vector<half>(static_cast<std::size_t>(pages * bounds_per_page_),
+                                   page_metadata::no_minimum)),
+        key_max_(std::vector<half>(static_cast<std::size_t>(pages * bounds_per_page_),
+                                   page_metadata::no_maximum)),
         mass_(pages * mass_per_page_),
         covered_(static_cast<std::size_t>(pages), 0) {
     exec::cuda::check(cudaMemsetAsync(mass_.data(), 0, mass_.bytes(), exec_.stream()),
@@ -123,14 +124,15 @@ class device_page_metadata {
   [[nodiscard]] std::int64_t bounds_per_page() const { return bounds_per_page_; }
   [[nodiscard]] std::int64_t mass_per_page() const { return mass_per_page_; }
   [[nodiscard]] std::int64_t bytes_per_page() const {
-    return std::int64_t{sizeof(float)} * (2 * bounds_per_page_ + mass_per_page_);
+    return std::int64_t{sizeof(half)} * 2 * bounds_per_page_ +
+           std::int64_t{sizeof(float)} * mass_per_page_;
   }
 
   // Device pointers to a page's values (page 0: the whole array).
-  [[nodiscard]] float* key_min(std::int32_t page = 0) const {
+  [[nodiscard]] half* key_min(std::int32_t page = 0) const {
     return key_min_.data() + page * bounds_per_page_;
   }
-  [[nodiscard]] float* key_max(std::int32_t page = 0) const {
+  [[nodiscard]] half* key_max(std::int32_t page = 0) const {
     return key_max_.data() + page * bounds_per_page_;
   }
   [[nodiscard]] float* mass(std::int32_t page = 0) const {
@@ -145,10 +147,10 @@ class device_page_metadata {
   }
 
   // The whole arrays on the host, laid out as kv::page_metadata's.
-  [[nodiscard]] std::vector<float> key_min_to_host() const {
+  [[nodiscard]] std::vector<half> key_min_to_host() const {
     return detail::download(key_min_, exec_);
   }
-  [[nodiscard]] std::vector<float> key_max_to_host() const {
+  [[nodiscard]] std::vector<half> key_max_to_host() const {
     return detail::download(key_max_, exec_);
   }
   [[nodiscard]] std::vector<float> mass_to_host() const { return detail::download(mass_, exec_); }
@@ -161,26 +163,31 @@ class device_page_metadata {
     covered_[static_cast<std::size_t>(to)] = covered_[static_cast<std::size_t>(from)];
   }
 
+  // Equal bit for bit.
   friend bool operator==(const device_page_metadata& a, const device_page_metadata& b) {
-    return a.covered_ == b.covered_ && a.key_min_to_host() == b.key_min_to_host() &&
-           a.key_max_to_host() == b.key_max_to_host() && a.mass_to_host() == b.mass_to_host();
+    const auto same = [](const auto& x, const auto& y) {
+      return x.size() == y.size() && std::memcmp(x.data(), y.data(), sizeof(x[0]) * x.size()) == 0;
+    };
+    return a.covered_ == b.covered_ && same(a.key_min_to_host(), b.key_min_to_host()) &&
+           same(a.key_max_to_host(), b.key_max_to_host()) &&
+           same(a.mass_to_host(), b.mass_to_host());
   }
 
  private:
-  void copy(device_buffer<float>& values, std::int32_t from, std::int32_t to,
-            std::int64_t per_page) {
+  template <class T>
+  void copy(device_buffer<T>& values, std::int32_t from, std::int32_t to, std::int64_t per_page) {
     exec::cuda::check(
         cudaMemcpyAsync(values.data() + to * per_page, values.data() + from * per_page,
-                        sizeof(float) * static_cast<std::size_t>(per_page),
-                        cudaMemcpyDeviceToDevice, exec_.stream()),
+                        sizeof(T) * static_cast<std::size_t>(per_page), cudaMemcpyDeviceToDevice,
+                        exec_.stream()),
         "cudaMemcpyAsync of a page's metadata");
   }
 
   std::int64_t bounds_per_page_;
   std::int64_t mass_per_page_;
   exec::cuda exec_;
-  device_buffer<float> key_min_;
-  device_buffer<float> key_max_;
+  device_buffer<half> key_min_;
+  device_buffer<half> key_max_;
   device_buffer<float> mass_;
   std::vector<std::int32_t> covered_;  // (pages)
 };
@@ -248,8 +255,8 @@ class device_page_storage {
   void set_covered(std::int32_t page, std::int32_t slots) { metadata_.set_covered(page, slots); }
 
   [[nodiscard]] std::uint8_t* pages() { return pool_.data(); }
-  [[nodiscard]] float* key_min() { return metadata_.key_min(); }
-  [[nodiscard]] float* key_max() { return metadata_.key_max(); }
+  [[nodiscard]] half* key_min() { return metadata_.key_min(); }
+  [[nodiscard]] half* key_max() { return metadata_.key_max(); }
   [[nodiscard]] float* mass() { return metadata_.mass(); }
 
   // What cache::view(batch) returns: the table on the host and uploaded on the cache's stream.
