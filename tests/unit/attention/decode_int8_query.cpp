@@ -150,7 +150,8 @@ struct keys {
 // with zero points.
 #define INT8_QUERY_KEYS                                                                  \
   keys<quant::int_<8, quant::per_channel>>, keys<quant::int_<8, 32, quant::zero_point>>, \
-      keys<quant::int_<4, 32>>, keys<quant::int_<4, 64, quant::zero_point>>,             \
+      keys<quant::int_<4, 32>>, keys<quant::int_<4, 64>>,                                \
+      keys<quant::int_<4, 64, quant::zero_point>>,                                        \
       keys<quant::int_<4, quant::per_channel>>, keys<quant::int_<3, 32>>,                \
       keys<quant::int_<2, 32, quant::zero_point>>
 

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -81,8 +82,9 @@ INFUSE_FORCE_INLINE void scale_add(float* acc, float factor, float weight, const
 // With integer keys, each head's query row is rounded to int8 once per unit by the CPU gemv's
 // int8 activations (one scale per block of 32, in its VNNI step layout, with each int32 lane's
 // sum of q), and each key's codes meet it in vpdpbusd a step of 2 (int8) or 4 (int4, int3, int2)
-// blocks at a time, unpacked as the gemv unpacks them. Each lane starts at -zero * (its sum of
-// q), so it sums (u - zero) q exactly in int32; then per lane, key scale times query scale. The
+// blocks at a time, unpacked as the gemv unpacks them, once for all the group's heads. Each lane
+// starts at -zero * (its sum of q), so it sums (u - zero) q exactly in int32; then per lane, the
+// query scale (times the key's group scale; a scale per vector multiplies the finished sum). The
 // key is never dequantized.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 
@@ -121,6 +123,37 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
       gd::step_lane_block<bits>(12), gd::step_lane_block<bits>(13), gd::step_lane_block<bits>(14),
       gd::step_lane_block<bits>(15)};
   const __m512i lane_block = _mm512_load_si512(lane_blocks);
+  // Symmetric keys with groups of whole blocks read their scales straight from the record (the
+  // scales come first, one float a group): the groups a step covers, as a lane index and a count.
+  constexpr bool direct_scales = S::group > 0 && !S::has_zero;
+  constexpr int blocks_per_group = S::group > 0 ? S::group / quant::block_size : 1;
+  const __m512i lane_group =
+      _mm512_srli_epi32(lane_block, std::countr_zero(unsigned(blocks_per_group)));
+  // Each token's key scale per lane (its block's group's), and zero point per lane.
+  const auto key_lanes = [&](const std::uint8_t* params, int t, int present, __m512& scale,
+                             __m512i& zero) {
+    if constexpr (direct_scales) {
+      const auto* scales = reinterpret_cast<const float*>(params);
+      const int first = t * per_step / blocks_per_group;
+      const int count = (t * per_step + present - 1) / blocks_per_group - first + 1;
+      scale = _mm512_permutexvar_ps(
+          lane_group,
+          _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), scales + first));
+    } else {
+      alignas(16) float scales[4] = {};
+      alignas(16) std::int32_t zeros[4] = {};
+      for (int b = 0; b < present; ++b) {
+        const auto p = f.group_params(params, group_of(t * per_step + b));
+        scales[b] = p.scale;
+        zeros[b] = static_cast<std::int32_t>(p.zero);
+      }
+      scale = _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_load_ps(scales)));
+      if constexpr (S::has_zero) {
+        zero = _mm512_permutexvar_epi32(
+            lane_block, _mm512_castsi128_si512(_mm_load_si128(reinterpret_cast<__m128i*>(zeros))));
+      }
+    }
+  };
   const float_tag d;
   for (std::int64_t j0 = 0; j0 < n; j0 += tokens) {
     hn::Vec<float_tag> acc[16];
@@ -128,49 +161,46 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
     for (int t = 0; t < steps; ++t) {
       const int present = std::min(per_step, blocks - t * per_step);
       ahead.advance(tokens * present * S::block_bytes);
-      // Each token's key scale (and zero point) per lane: its block's group's.
-      __m512 key_scale[tokens];
-      __m512i key_zero[tokens];
-      for (int i = 0; i < tokens; ++i) {
-        alignas(16) float scales[4] = {};
-        alignas(16) std::int32_t zeros[4] = {};
-        for (int b = 0; b < present; ++b) {
-          const auto p = f.group_params(k.params[j0 + i], group_of(t * per_step + b));
-          scales[b] = p.scale;
-          zeros[b] = static_cast<std::int32_t>(p.zero);
-        }
-        key_scale[i] =
-            _mm512_permutexvar_ps(lane_block, _mm512_castps128_ps512(_mm_load_ps(scales)));
-        if constexpr (S::has_zero) {
-          key_zero[i] = _mm512_permutexvar_epi32(
-              lane_block,
-              _mm512_castsi128_si512(_mm_load_si128(reinterpret_cast<__m128i*>(zeros))));
-        }
-      }
+      // Symmetric codes: each lane starts at -midpoint * (its sum of q), and so sums (u - zero) q.
+      __m512i symmetric_start[Heads];
       for (int g = 0; g < Heads; ++g) {
-        const std::int8_t* q = query.q(g0 + g) + std::int64_t{t} * step_values;
-        const __m512i x[2] = {_mm512_loadu_si512(q),
-                              _mm512_loadu_si512(q + (per_step == 4 ? 64 : 0))};
-        const __m512 x_scale = _mm512_loadu_ps(query.scales(g0 + g) + 16 * t);
-        const __m512i minus_q_sum = _mm512_loadu_si512(query.lane_sums(g0 + g) + 16 * t);
-        const __m512i symmetric_start = _mm512_slli_epi32(minus_q_sum, bits - 1);
-        for (int i = 0; i < tokens; ++i) {
-          const std::uint8_t* codes = k.codes[j0 + i] + t * step_bytes;
+        symmetric_start[g] =
+            _mm512_slli_epi32(_mm512_loadu_si512(query.lane_sums(g0 + g) + 16 * t), bits - 1);
+      }
+      for (int i = 0; i < tokens; ++i) {
+        // The token's codes unpacked once for every head.
+        const std::uint8_t* codes = k.codes[j0 + i] + t * step_bytes;
+        const gd::step_codes u = present == per_step ? gd::unpack_step<bits, false>(codes, present)
+                                                     : gd::unpack_step<bits, true>(codes, present);
+        // A key scale per vector waits for the lane sums (below); per group it is per lane.
+        __m512 key_scale = _mm512_set1_ps(1.0f);
+        __m512i key_zero = _mm512_setzero_si512();
+        if constexpr (S::group > 0 || S::has_zero) {
+          key_lanes(k.params[j0 + i], t, present, key_scale, key_zero);
+        }
+        for (int g = 0; g < Heads; ++g) {
+          const std::int8_t* q = query.q(g0 + g) + std::int64_t{t} * step_values;
+          const __m512i x[2] = {_mm512_loadu_si512(q),
+                                _mm512_loadu_si512(q + (per_step == 4 ? 64 : 0))};
           const __m512i start =
-              S::has_zero ? _mm512_mullo_epi32(minus_q_sum, key_zero[i]) : symmetric_start;
-          const __m512i dots = present == per_step
-                                   ? gd::step_dot<bits, false>(codes, x, start, present)
-                                   : gd::step_dot<bits, true>(codes, x, start, present);
+              S::has_zero ? _mm512_mullo_epi32(_mm512_loadu_si512(query.lane_sums(g0 + g) + 16 * t),
+                                               key_zero)
+                          : symmetric_start[g];
+          __m512 scale = _mm512_loadu_ps(query.scales(g0 + g) + 16 * t);
+          if constexpr (S::group > 0) scale = _mm512_mul_ps(scale, key_scale);
           auto& a = acc[g * tokens + i];
-          a.raw = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(dots), x_scale), key_scale[i],
-                                  a.raw);
+          a.raw =
+              _mm512_fmadd_ps(_mm512_cvtepi32_ps(gd::step_dot<bits>(u, x, start)), scale, a.raw);
         }
       }
     }
     alignas(64) float sums[16];
     hn::Store(sum_rows(d, acc), d, sums);
     for (int g = 0; g < Heads; ++g) {
-      std::memcpy(raw + g * score_tile + j0, sums + g * tokens, sizeof(float) * tokens);
+      for (int i = 0; i < tokens; ++i) {
+        const float key_scale = S::group > 0 ? 1.0f : f.group_params(k.params[j0 + i], 0).scale;
+        raw[g * score_tile + j0 + i] = sums[g * tokens + i] * key_scale;
+      }
     }
   }
 }

@@ -444,22 +444,25 @@ INFUSE_FORCE_INLINE __mmask64 step_mask(int blocks) {
   return bytes >= 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
 }
 
-// int32 dot products of a step's codes with its x (one vector for int8, two otherwise), in
-// step_position order, added to `sums`. Tail: only `blocks` blocks exist; the rest reads as zero.
+// A step's codes unpacked for vpdpbusd, in step_position order: `first` meets the first vector
+// of x, `second` the second (int8: `first` only).
+struct step_codes {
+  __m512i first;
+  __m512i second;
+};
+
+// Unpacks a step's codes. Tail: only `blocks` blocks exist; the rest reads as zero.
 template <int Bits, bool Tail>
-INFUSE_FORCE_INLINE __m512i step_dot(const std::uint8_t* codes, const __m512i (&x)[2], __m512i sums,
-                                     int blocks) {
+INFUSE_FORCE_INLINE step_codes unpack_step(const std::uint8_t* codes, int blocks) {
   if constexpr (Bits == 8) {
     const __m512i u =
         Tail ? _mm512_maskz_loadu_epi8(step_mask<8>(blocks), codes) : _mm512_loadu_si512(codes);
-    return _mm512_dpbusd_epi32(sums, u, x[0]);
+    return {u, u};
   } else if constexpr (Bits == 4) {
     const __m512i bytes =
         Tail ? _mm512_maskz_loadu_epi8(step_mask<4>(blocks), codes) : _mm512_loadu_si512(codes);
     const __m512i nibble = _mm512_set1_epi8(0x0F);
-    const __m512i low = _mm512_and_si512(bytes, nibble);
-    const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble);
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, low, x[0]), high, x[1]);
+    return {_mm512_and_si512(bytes, nibble), _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nibble)};
   } else {
     // The low two bits of the 4 blocks as 32 bytes, in both halves; shifted by 0 | 2 and 4 | 6.
     __m512i low_bits;
@@ -495,8 +498,26 @@ INFUSE_FORCE_INLINE __m512i step_dot(const std::uint8_t* codes, const __m512i (&
       second = _mm512_or_si512(
           second, _mm512_maskz_mov_epi8(_cvtu64_mask64(_mm_extract_epi64(high_masks, 1)), four));
     }
-    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, first, x[0]), second, x[1]);
+    return {first, second};
   }
+}
+
+// int32 dot products of unpacked codes with a step's x (one vector for int8, two otherwise),
+// added to `sums`.
+template <int Bits>
+INFUSE_FORCE_INLINE __m512i step_dot(const step_codes& codes, const __m512i (&x)[2], __m512i sums) {
+  if constexpr (Bits == 8) {
+    return _mm512_dpbusd_epi32(sums, codes.first, x[0]);
+  } else {
+    return _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(sums, codes.first, x[0]), codes.second, x[1]);
+  }
+}
+
+// The same from the packed codes.
+template <int Bits, bool Tail>
+INFUSE_FORCE_INLINE __m512i step_dot(const std::uint8_t* codes, const __m512i (&x)[2], __m512i sums,
+                                     int blocks) {
+  return step_dot<Bits>(unpack_step<Bits, Tail>(codes, blocks), x, sums);
 }
 
 // Steps of the VNNI kernel per group of W when every group holds whole steps (known at compile
