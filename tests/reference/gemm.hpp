@@ -42,4 +42,26 @@ std::vector<double> gemv_magnitude(const quant::matrix<S, host_memory>& w,
   return gemv(w, x, batch, true);
 }
 
+// The scale of a bcq LUT product's rounding for output (b, n): the tables hold sums of +/-x, and
+// each group adds offset * sum x and alpha_i * (its plane's sum), so the error is relative to
+// sum_k (|offset| + sum_i |alpha_i|) |x_k|, not to sum |w x| (the weights' sums cancel).
+template <class S>
+std::vector<double> lut_magnitude(const quant::matrix<S, host_memory>& w,
+                                  const std::vector<float>& x, std::int64_t batch) {
+  std::vector<double> out(static_cast<std::size_t>(batch * w.rows));
+  for (std::int64_t b = 0; b < batch; ++b) {
+    for (std::int64_t n = 0; n < w.rows; ++n) {
+      double sum = 0.0;
+      for (std::int64_t k = 0; k < w.cols; ++k) {
+        const auto p = w.group_params(n, k / w.group_size());
+        double scale = std::fabs(p.offset);
+        for (int i = 0; i < S::bits; ++i) scale += std::fabs(p.alpha[i]);
+        sum += scale * std::fabs(x[static_cast<std::size_t>(b * w.cols + k)]);
+      }
+      out[static_cast<std::size_t>(b * w.rows + n)] = sum;
+    }
+  }
+  return out;
+}
+
 }  // namespace infuse::reference

@@ -62,27 +62,6 @@ std::vector<float> widened(const std::vector<X>& x) {
   return out;
 }
 
-// For output (b, n) of a bcq product: sum_k (|offset| + sum_i |alpha_i|) |x(b, k)|, the scale of
-// the LUT's rounding (the weights' own sums may cancel, the tables' do not).
-template <class S>
-std::vector<double> lut_magnitude(const quant::matrix<S>& w, const std::vector<float>& x,
-                                  std::int64_t batch) {
-  std::vector<double> out(static_cast<std::size_t>(batch * w.rows));
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t n = 0; n < w.rows; ++n) {
-      double sum = 0.0;
-      for (std::int64_t k = 0; k < w.cols; ++k) {
-        const auto p = w.group_params(n, k / w.group_size());
-        double scale = std::fabs(p.offset);
-        for (int i = 0; i < S::bits; ++i) scale += std::fabs(p.alpha[i]);
-        sum += scale * std::fabs(x[static_cast<std::size_t>(b * w.cols + k)]);
-      }
-      out[static_cast<std::size_t>(b * w.rows + n)] = sum;
-    }
-  }
-  return out;
-}
-
 struct problem {
   std::int64_t rows;
   std::int64_t cols;
@@ -126,7 +105,7 @@ double product_error(infuse::test::seeded_rng& rng, problem shape, Activations a
   const auto ref = infuse::reference::gemv(q.view(), x_packed, shape.batch);
   const auto scale = [&] {
     if constexpr (std::is_same_v<Activations, gemm::lut_activations>) {
-      return lut_magnitude(q.view(), x_packed, shape.batch);
+      return infuse::reference::lut_magnitude(q.view(), x_packed, shape.batch);
     } else {
       return infuse::reference::gemv_magnitude(q.view(), x_packed, shape.batch);
     }

@@ -20,28 +20,6 @@ namespace quant = infuse::quant;
 namespace gemm = infuse::gemm;
 using infuse::host_view;
 
-// The scale of the lookup path's rounding for output (b, n): the tables hold sums of +/-x, and each
-// group adds offset * sum x and alpha_i * (its plane's sum), so the error is relative to
-// sum_k (|offset| + sum_i |alpha_i|) |x_k|, not to sum |w x| (the weights' sums cancel).
-template <class S>
-std::vector<double> lut_magnitude(const quant::matrix<S>& w, const std::vector<float>& x,
-                                  std::int64_t batch) {
-  std::vector<double> out(static_cast<std::size_t>(batch * w.rows));
-  for (std::int64_t b = 0; b < batch; ++b) {
-    for (std::int64_t n = 0; n < w.rows; ++n) {
-      double sum = 0.0;
-      for (std::int64_t k = 0; k < w.cols; ++k) {
-        const auto p = w.group_params(n, k / w.group_size());
-        double scale = std::fabs(p.offset);
-        for (int i = 0; i < S::bits; ++i) scale += std::fabs(p.alpha[i]);
-        sum += scale * std::fabs(x[static_cast<std::size_t>(b * w.cols + k)]);
-      }
-      out[static_cast<std::size_t>(b * w.rows + n)] = sum;
-    }
-  }
-  return out;
-}
-
 template <class S>
 void check_lut(infuse::test::seeded_rng& rng, std::int64_t rows, std::int64_t cols,
                std::int64_t batch, int threads, bool gated) {
@@ -70,8 +48,8 @@ void check_lut(infuse::test::seeded_rng& rng, std::int64_t rows, std::int64_t co
 
   const auto ref = infuse::reference::gemv(q.view(), x, batch);
   const auto ref_up = infuse::reference::gemv(q_up.view(), x, batch);
-  const auto magnitude = lut_magnitude(q.view(), x, batch);
-  const auto magnitude_up = lut_magnitude(q_up.view(), x, batch);
+  const auto magnitude = infuse::reference::lut_magnitude(q.view(), x, batch);
+  const auto magnitude_up = infuse::reference::lut_magnitude(q_up.view(), x, batch);
   double worst = 0.0;
   for (std::size_t i = 0; i < ref.size(); ++i) {
     const std::size_t n = i % static_cast<std::size_t>(rows);
