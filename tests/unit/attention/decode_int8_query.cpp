@@ -148,12 +148,11 @@ struct keys {
 
 // Every integer width, groups of a block, of several blocks and of a whole vector, symmetric and
 // with zero points.
-#define INT8_QUERY_KEYS                                                                  \
-  keys<quant::int_<8, quant::per_channel>>, keys<quant::int_<8, 32, quant::zero_point>>, \
-      keys<quant::int_<4, 32>>, keys<quant::int_<4, 64>>,                                \
-      keys<quant::int_<4, 64, quant::zero_point>>,                                        \
-      keys<quant::int_<4, quant::per_channel>>, keys<quant::int_<3, 32>>,                \
-      keys<quant::int_<2, 32, quant::zero_point>>
+#define INT8_QUERY_KEYS                                                                      \
+  keys<quant::int_<8, quant::per_channel>>, keys<quant::int_<8, 32, quant::zero_point>>,     \
+      keys<quant::int_<4, 32>>, keys<quant::int_<4, 64>>,                                    \
+      keys<quant::int_<4, 64, quant::zero_point>>, keys<quant::int_<4, quant::per_channel>>, \
+      keys<quant::int_<3, 32>>, keys<quant::int_<2, 32, quant::zero_point>>
 
 TEST_CASE_TEMPLATE("decode with int8 queries matches the reference of the rounded query", C,
                    INT8_QUERY_KEYS) {

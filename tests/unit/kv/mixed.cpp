@@ -17,8 +17,8 @@
 #include "infuse/kv/kv.hpp"
 #include "infuse/quant/quant.hpp"
 #include "support/errors.hpp"
-#include "support/random.hpp"
 #include "support/key_bounds.hpp"
+#include "support/random.hpp"
 
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
