@@ -17,6 +17,7 @@
 #include <numeric>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "infuse/exec/cpu.hpp"
@@ -76,18 +77,12 @@ struct paged_store {
   }
 };
 
-template <class Scheme>
-void retain_compact(benchmark::State& state) {
-  constexpr std::int32_t sequences = 8;
-  constexpr std::int64_t length = 3000;
-  constexpr std::int64_t keep = 1000;
-  std::mt19937 engine(42);
-  paged_store<Scheme> store(sequences, length, true, engine);
-  const auto view = store.view();
-  // Kept positions all in [length - 2 keep, length): the destinations 0..keep-1 are never a
-  // source, so every iteration makes the same moves and the result can be checked at the end.
-  std::vector<std::int32_t> sequence_ids(sequences), kept_indptr{0}, kept;
-  std::iota(sequence_ids.begin(), sequence_ids.end(), 0);
+// Per sequence, `keep` ascending positions drawn from [length - 2 keep, length), as a CSR pair
+// (indptr, positions): the destinations 0..keep-1 are never a source, so every compaction makes
+// the same moves.
+inline std::pair<std::vector<std::int32_t>, std::vector<std::int32_t>> kept_positions(
+    std::int32_t sequences, std::int64_t length, std::int64_t keep, std::mt19937& engine) {
+  std::vector<std::int32_t> kept_indptr{0}, kept;
   for (std::int32_t s = 0; s < sequences; ++s) {
     std::vector<std::int32_t> candidates(2 * keep);
     std::iota(candidates.begin(), candidates.end(), std::int32_t(length - 2 * keep));
@@ -97,6 +92,21 @@ void retain_compact(benchmark::State& state) {
     kept.insert(kept.end(), candidates.begin(), candidates.end());
     kept_indptr.push_back(std::int32_t(kept.size()));
   }
+  return {kept_indptr, kept};
+}
+
+template <class Scheme>
+void retain_compact(benchmark::State& state) {
+  constexpr std::int32_t sequences = 8;
+  constexpr std::int64_t length = 3000;
+  constexpr std::int64_t keep = 1000;
+  std::mt19937 engine(42);
+  paged_store<Scheme> store(sequences, length, true, engine);
+  const auto view = store.view();
+  // Every iteration makes the same moves (kept_positions), so the result is checked at the end.
+  std::vector<std::int32_t> sequence_ids(sequences);
+  std::iota(sequence_ids.begin(), sequence_ids.end(), 0);
+  const auto [kept_indptr, kept] = kept_positions(sequences, length, keep, engine);
   std::vector<std::int64_t> new_lengths(sequences);
   const infuse::exec::cpu exec;
   for (auto _ : state) {
@@ -158,16 +168,7 @@ void retain_compact_kivi(benchmark::State& state) {
                   host_view<const float, 3>(k.data(), {rows, heads, head_dim}),
                   host_view<const float, 3>(v.data(), {rows, heads, head_dim}));
   }
-  std::vector<std::int32_t> kept_indptr{0}, kept;
-  for (std::int32_t s = 0; s < sequences; ++s) {
-    std::vector<std::int32_t> candidates(2 * keep);
-    std::iota(candidates.begin(), candidates.end(), std::int32_t(length - 2 * keep));
-    std::shuffle(candidates.begin(), candidates.end(), engine);
-    candidates.resize(keep);
-    std::sort(candidates.begin(), candidates.end());
-    kept.insert(kept.end(), candidates.begin(), candidates.end());
-    kept_indptr.push_back(std::int32_t(kept.size()));
-  }
+  const auto [kept_indptr, kept] = kept_positions(sequences, length, keep, engine);
   const infuse::exec::cpu exec;
   cache_type cache = filled;
   for (auto _ : state) {
