@@ -228,9 +228,10 @@ TEST_CASE_TEMPLATE("clip search never does worse than round to nearest", S, quan
                    quant::int_<3, 64, quant::zero_point>, quant::int_<2, 32, quant::zero_point>,
                    quant::fp8<infuse::fp8_e5m2, 32>) {
   INFUSE_RANDOM(rng);
-  const std::int64_t rows = 16;
+  // Heavy tails, where clipping pays: cubes of normals. 64 rows keep the ratio within about 0.006
+  // of its mean (0.93 at 3 bits, the smallest gain), so 0.96 fails only when the search gains nothing.
+  const std::int64_t rows = 64;
   const std::int64_t cols = 256;
-  // Heavy tails, where clipping pays: cubes of normals.
   std::vector<float> w = rng.normals(static_cast<std::size_t>(rows * cols));
   for (float& value : w) value = value * value * value;
   const double nearest = squared_error(quantize_vector<S>(w, rows, cols), w);
@@ -238,7 +239,7 @@ TEST_CASE_TEMPLATE("clip search never does worse than round to nearest", S, quan
       squared_error(quantize_vector<S>(w, rows, cols, {quant::rounding::clip_search, 0.3f, 15}), w);
   CHECK(searched <= nearest);
   if constexpr (!std::is_same_v<S, quant::fp8<infuse::fp8_e5m2, 32>>) {
-    CHECK(searched < 0.95 * nearest);  // a real gain on heavy tails at 4 bits and below
+    CHECK(searched < 0.96 * nearest);  // a real gain on heavy tails at 4 bits and below
   }
 }
 
