@@ -276,12 +276,12 @@ void register_scheme() {
   benchmark::RegisterBenchmark((std::string("gemv.") + S::name).c_str(),
                                gemv_quantized<S, infuse::gemm::float_activations>)
       ->Apply(shapes);
-  if constexpr (infuse::gemm::detail::is_integer_scheme<S>) {
+  if constexpr (infuse::quant::is_int<S>) {
     benchmark::RegisterBenchmark((std::string("gemv.") + S::name + "_xint8").c_str(),
                                  gemv_quantized<S, infuse::gemm::int8_activations>)
         ->Apply(shapes);
   }
-  if constexpr (infuse::gemm::detail::is_bcq_scheme<S>) {
+  if constexpr (infuse::quant::is_bcq<S>) {
     benchmark::RegisterBenchmark((std::string("gemv.") + S::name + "_lut").c_str(),
                                  gemv_quantized<S, infuse::gemm::lut_activations>)
         ->Apply(shapes);

@@ -114,11 +114,6 @@ namespace detail {
 template <class T>
 inline constexpr bool always_false = false;
 
-template <class S>
-inline constexpr bool is_bcq_scheme = false;
-template <int Bits, int Group>
-inline constexpr bool is_bcq_scheme<quant::bcq<Bits, Group>> = true;
-
 // The workspace an activation policy needs, and the name of the function that sizes it.
 template <class Activations>
 constexpr std::int64_t activation_workspace_bytes(std::int64_t batch, std::int64_t k) {
@@ -143,11 +138,6 @@ inline constexpr bool needs_activation_workspace =
 template <class X>
 concept narrow_activation = std::is_same_v<std::remove_const_t<X>, half> ||
     std::is_same_v<std::remove_const_t<X>, bfloat16>;
-
-template <class S>
-inline constexpr bool is_integer_scheme = false;
-template <int Bits, int Group, class Zero>
-inline constexpr bool is_integer_scheme<quant::int_<Bits, Group, Zero>> = true;
 
 // One specialization per backend holds its kernel body: run(exec, w, x, y, options) for float
 // activations and no gate; run_fused(exec, w, w_up, x, y, options, gate, activations) for
@@ -242,10 +232,10 @@ constexpr void static_check_activations() {
                 "infuse: gemv takes gemm::float_activations, gemm::int8_activations or "
                 "gemm::lut_activations as its activation policy; see "
                 "docs/policies.md#quantized-gemv");
-  static_assert(!std::is_same_v<Activations, int8_activations> || detail::is_integer_scheme<S>,
+  static_assert(!std::is_same_v<Activations, int8_activations> || quant::is_int<S>,
                 "infuse: gemm::int8_activations needs an integer scheme (quant::int_) for its "
                 "integer dot products; see docs/policies.md#quantized-gemv");
-  static_assert(!std::is_same_v<Activations, lut_activations> || detail::is_bcq_scheme<S>,
+  static_assert(!std::is_same_v<Activations, lut_activations> || quant::is_bcq<S>,
                 "infuse: gemm::lut_activations needs binary-coded weights (quant::bcq), whose "
                 "bit planes index the tables; see docs/policies.md#quantized-gemv");
 }

@@ -74,11 +74,6 @@ namespace detail {
 
 namespace hn = hwy::HWY_NAMESPACE;
 
-template <class S>
-inline constexpr bool is_int_key_scheme = false;
-template <int Bits, int Group, class Zero>
-inline constexpr bool is_int_key_scheme<quant::int_<Bits, Group, Zero>> = true;
-
 // vector_format<per_channel<S>>::encode_page for quant::int_ keys, bit for bit, with SIMD lanes
 // across a block's channels. The float operations are the scalar ones in the same order (the fit's
 // comparisons, w / scale + zero rounded to nearest even and clamped), so the codes and parameters
@@ -559,7 +554,7 @@ class host_page_storage {
     std::uint8_t* page = pool_.data() + page_index * f.page_bytes();
     const auto codes = [&](std::int32_t slot, std::int32_t h) { return f.k_codes(page, slot, h); };
     using scheme = typename decltype(Format::k)::scheme::scheme;
-    if constexpr (detail::is_int_key_scheme<scheme>) {
+    if constexpr (quant::is_int<scheme>) {
       // A channel's bounds over the page's stored keys are its bounds over their minimum and
       // maximum: the fold of those two rows (a page of one head and two slots) sets them.
       Format extremes_format = f;

@@ -110,4 +110,10 @@ struct bcq {
 
 static_assert(scheme<bcq<3, 128>>);
 
+// Whether S is a bcq scheme.
+template <class S>
+inline constexpr bool is_bcq = false;
+template <int Bits, int Group>
+inline constexpr bool is_bcq<bcq<Bits, Group>> = true;
+
 }  // namespace infuse::quant

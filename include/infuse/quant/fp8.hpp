@@ -79,4 +79,10 @@ struct fp8 {
 static_assert(scheme<fp8<fp8_e4m3>>);
 static_assert(scheme<fp8<fp8_e5m2, 128>>);
 
+// Whether S is an fp8 scheme.
+template <class S>
+inline constexpr bool is_fp8 = false;
+template <class F, int Group>
+inline constexpr bool is_fp8<fp8<F, Group>> = true;
+
 }  // namespace infuse::quant

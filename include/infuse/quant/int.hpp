@@ -176,4 +176,10 @@ struct int_ {
 static_assert(scheme<int_<4, 128>>);
 static_assert(scheme<int_<3, per_channel, zero_point>>);
 
+// Whether S is an int_ scheme: the bodies that unpack integer codes select on it.
+template <class S>
+inline constexpr bool is_int = false;
+template <int Bits, int Group, class Zero>
+inline constexpr bool is_int<int_<Bits, Group, Zero>> = true;
+
 }  // namespace infuse::quant

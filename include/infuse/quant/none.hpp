@@ -72,4 +72,10 @@ struct none {
 static_assert(scheme<none<float>>);
 static_assert(scheme<none<bfloat16>>);
 
+// Whether S is a none scheme (values stored as they are).
+template <class S>
+inline constexpr bool is_none = false;
+template <class T>
+inline constexpr bool is_none<none<T>> = true;
+
 }  // namespace infuse::quant

@@ -15,13 +15,13 @@
 #include <string>
 #include <vector>
 
+#include "cache_model.hpp"
 #include "infuse/exec/cpu.hpp"
 #include "infuse/kv/kv.hpp"
 #include "infuse/quant/quant.hpp"
-#include "cache_model.hpp"
 #include "support/errors.hpp"
-#include "support/random.hpp"
 #include "support/key_bounds.hpp"
+#include "support/random.hpp"
 
 namespace kv = infuse::kv;
 namespace quant = infuse::quant;
@@ -38,15 +38,6 @@ struct setup {
   using cache = kv::cache<Layout, KScheme, VScheme>;
 };
 
-template <class S>
-struct is_none : std::false_type {};
-template <class T>
-struct is_none<quant::none<T>> : std::true_type {};
-template <class S>
-struct is_fp8 : std::false_type {};
-template <class F, int G>
-struct is_fp8<quant::fp8<F, G>> : std::true_type {};
-
 // How far the stored value of element d of `vector` (head_dim floats) may be from it, from the
 // scheme's math alone: half a step of the group's scale for symmetric integers; a whole step with a
 // zero point (the rounded zero can push the group's end one code past the top, which clamps);
@@ -55,7 +46,7 @@ struct is_fp8<quant::fp8<F, G>> : std::true_type {};
 template <class S>
 double allowed_error(const kv::vector_format<S>& format, const float* vector, int d) {
   const double x = vector[d];
-  if constexpr (is_none<S>::value) {
+  if constexpr (quant::is_none<S>) {
     if constexpr (std::is_same_v<S, quant::none<float>>) return 0.0;
     const double ulp_bits = std::is_same_v<S, quant::none<infuse::half>> ? 11 : 8;
     return std::fabs(x) * std::ldexp(1.0, -ulp_bits) + std::ldexp(1.0, -25);
@@ -67,7 +58,7 @@ double allowed_error(const kv::vector_format<S>& format, const float* vector, in
       hi = std::max(hi, double(vector[j]));
     }
     const double amax = std::max(hi, -lo);
-    if constexpr (is_fp8<S>::value) {
+    if constexpr (quant::is_fp8<S>) {
       const double scale = amax / 448.0;  // e4m3's largest finite value
       return std::fabs(x) * std::ldexp(1.0, -4) + scale * std::ldexp(1.0, -10) + 1e-6 * amax;
     } else if constexpr (S::has_zero) {
@@ -211,7 +202,6 @@ void check_contents(Cache& cache, std::span<const kv::sequence_id> seqs,
     }
   }
 }
-
 
 }  // namespace
 

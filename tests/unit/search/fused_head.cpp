@@ -280,12 +280,12 @@ TEST_CASE_TEMPLATE("sample_from_head: schemes and int8 activations", S, quant::i
     for (int draw = 0; draw < 4; ++draw) {
       const requests<k_p_m> q(rng, rows, 1300, true);
       compare(exec, h, q);
-      if constexpr (gemm::detail::is_integer_scheme<S>) {
+      if constexpr (quant::is_int<S>) {
         compare<k_p_m, S, gemm::int8_activations>(exec, h, q);
       }
     }
     compare_greedy(exec, h);
-    if constexpr (gemm::detail::is_integer_scheme<S>) {
+    if constexpr (quant::is_int<S>) {
       compare_greedy<S, gemm::int8_activations>(exec, h);
     }
   }

@@ -89,7 +89,7 @@ INFUSE_FORCE_INLINE void scale_add(float* acc, float factor, float weight, const
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 
 template <class S>
-inline constexpr bool int8_query_keys = gemm::cpu::detail::is_int<S>;
+inline constexpr bool int8_query_keys = quant::is_int<S>;
 
 // Raw scores of Heads query heads (rows g0.. of the int8 query) against the tile's first n K
 // vectors, into raw[g * score_tile + j]: the float kernel's blocks of tokens and lane sums.
@@ -232,7 +232,7 @@ using read_scheme = std::conditional_t<staged<S>, quant::none<float>, S>;
 template <class S>
 void quantize_query(const kv::vector_format<S>& f, const thread_scratch& scratch,
                     std::int32_t group) {
-  if constexpr (gemm::cpu::detail::is_int<S>) {
+  if constexpr (quant::is_int<S>) {
     for (std::int32_t g = 0; g < group; ++g) {
       gemm::cpu::detail::quantize_activations<S::bits, true>(
           scratch.q + std::int64_t{g} * f.stored_dim(), f.stored_dim(), f.group_dims(),

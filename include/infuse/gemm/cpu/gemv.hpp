@@ -55,23 +55,6 @@ inline constexpr int max_batch_tile = 8;
 
 namespace detail {
 
-template <class T>
-inline constexpr bool is_int = false;
-template <int Bits, int Group, class Zero>
-inline constexpr bool is_int<quant::int_<Bits, Group, Zero>> = true;
-template <class T>
-inline constexpr bool is_fp8 = false;
-template <class F, int G>
-inline constexpr bool is_fp8<quant::fp8<F, G>> = true;
-template <class T>
-inline constexpr bool is_bcq = false;
-template <int Bits, int Group>
-inline constexpr bool is_bcq<quant::bcq<Bits, Group>> = true;
-template <class T>
-inline constexpr bool is_none = false;
-template <class T>
-inline constexpr bool is_none<quant::none<T>> = true;
-
 INFUSE_FORCE_INLINE std::uint32_t load_le32(const std::uint8_t* p) {
   std::uint32_t word;
   std::memcpy(&word, p, sizeof(word));  // x86 and the other Highway targets we build are LE
@@ -147,15 +130,15 @@ template <class S, class D>
 INFUSE_FORCE_INLINE hn::Vec<D> dequantize_chunk(D d, const std::uint8_t* block, int first,
                                                 const typename S::params& p) {
   const hn::RebindToUnsigned<D> du;
-  if constexpr (is_int<S>) {
+  if constexpr (quant::is_int<S>) {
     const auto u = hn::ConvertTo(
         d, hn::BitCast(hn::RebindToSigned<D>(), int_codes<S::bits>(du, block, first)));
     return hn::Mul(hn::Set(d, p.scale), hn::Sub(u, hn::Set(d, p.zero)));
-  } else if constexpr (is_fp8<S>) {
+  } else if constexpr (quant::is_fp8<S>) {
     const hn::Rebind<std::uint8_t, D> du8;
     const auto bits = hn::PromoteTo(du, hn::LoadU(du8, block + first));
     return hn::Mul(hn::Set(d, p.scale), fp8_to_float<typename S::format>(d, du, bits));
-  } else if constexpr (is_bcq<S>) {
+  } else if constexpr (quant::is_bcq<S>) {
     auto w = hn::Set(d, p.offset);
     for (int i = 0; i < S::bits; ++i) {
       const auto positive =
@@ -164,7 +147,7 @@ INFUSE_FORCE_INLINE hn::Vec<D> dequantize_chunk(D d, const std::uint8_t* block, 
     }
     return w;
   } else {
-    static_assert(is_none<S>, "infuse: the CPU gemv has no unpacking for this scheme");
+    static_assert(quant::is_none<S>, "infuse: the CPU gemv has no unpacking for this scheme");
     if constexpr (S::block_bytes == 4 * quant::block_size) {
       return hn::LoadU(d, reinterpret_cast<const float*>(block) + first);
     } else {

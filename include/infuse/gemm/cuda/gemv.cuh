@@ -74,11 +74,6 @@ inline constexpr int load_bytes = std::gcd(S::block_bytes, 16);
 
 namespace detail {
 
-template <class T>
-inline constexpr bool is_int = false;
-template <int Bits, int Group, class Zero>
-inline constexpr bool is_int<quant::int_<Bits, Group, Zero>> = true;
-
 // The words of one block of codes, loaded in load_bytes<S> vectors through the read-only path.
 template <class S>
 struct block_words {
@@ -119,11 +114,11 @@ struct dequantizer {
 
   __device__ INFUSE_FORCE_INLINE explicit dequantizer(const typename S::params& params)
       : p(params) {
-    if constexpr (is_int<S>) p.zero += 8388608.0f;  // exact: zero is an integer below 256
+    if constexpr (quant::is_int<S>) p.zero += 8388608.0f;  // exact: zero is an integer below 256
   }
   // Weight j of the block in `bytes`, equal to quant::dequantize<S>(bytes, j, params).
   __device__ INFUSE_FORCE_INLINE float operator()(const std::uint8_t* bytes, int j) const {
-    if constexpr (is_int<S>) {
+    if constexpr (quant::is_int<S>) {
       const float biased = __uint_as_float(0x4B000000u | S::code(bytes, j));  // 2^23 + u
       return p.scale * (biased - p.zero);
     } else {

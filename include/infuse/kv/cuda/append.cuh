@@ -28,18 +28,9 @@
 
 namespace infuse::kv::detail {
 
-template <class S>
-inline constexpr bool is_none_scheme = false;
-template <class T>
-inline constexpr bool is_none_scheme<quant::none<T>> = true;
-template <class S>
-inline constexpr bool is_int_scheme = false;
-template <int Bits, int Group, class Zero>
-inline constexpr bool is_int_scheme<quant::int_<Bits, Group, Zero>> = true;
-
 // Schemes the device append encodes: the unquantized ones and the integer ones.
 template <class S>
-inline constexpr bool device_encodable = is_none_scheme<S> || is_int_scheme<S>;
+inline constexpr bool device_encodable = quant::is_none<S> || quant::is_int<S>;
 
 inline constexpr unsigned full_warp = 0xffffffffu;
 inline constexpr int append_threads = 256;
@@ -49,7 +40,7 @@ inline constexpr std::int64_t most_append_blocks = 1 << 16;
 // The stored parameters of a group whose range is [lo, hi] (lo <= 0 <= hi).
 template <class S>
 __device__ quant::stored_group<S> fit_group(float lo, float hi) {
-  if constexpr (is_none_scheme<S>) {
+  if constexpr (quant::is_none<S>) {
     return {};
   } else {
     return S::fit_range(lo, hi, 1.0f);
@@ -59,7 +50,7 @@ __device__ quant::stored_group<S> fit_group(float lo, float hi) {
 // Writes a block's 32 codes as the scheme's pack does (none: the raw 16- or 32-bit words).
 template <class S>
 __device__ void store_block(const std::uint32_t (&codes)[quant::block_size], std::uint8_t* out) {
-  if constexpr (is_none_scheme<S>) {
+  if constexpr (quant::is_none<S>) {
     using storage = typename S::storage;
     auto* words = reinterpret_cast<storage*>(out);
 #pragma unroll

@@ -32,11 +32,6 @@ namespace infuse::quant {
 
 namespace detail {
 
-template <class T>
-inline constexpr bool is_int_scheme = false;
-template <int Bits, int Group, class Zero>
-inline constexpr bool is_int_scheme<int_<Bits, Group, Zero>> = true;
-
 inline constexpr int quantize_warps = 8;
 
 // One warp per group: the lanes reduce the group's range, every lane fits it alike, lane 0
@@ -101,7 +96,7 @@ matrix<S, device_memory> quantize(const exec::cuda& exec, device_view<const floa
                                   device_view<std::uint8_t, 1> zeros,
                                   const quantize_options& options = {}) {
   static_check_scheme<S>();
-  static_assert(detail::is_int_scheme<S>,
+  static_assert(is_int<S>,
                 "infuse: quant::quantize on CUDA handles the integer schemes (quant::int_); "
                 "quantize other schemes on the host; see docs/policies.md#quantization-schemes");
   constexpr std::string_view call = "infuse::quant::quantize";
@@ -116,9 +111,8 @@ matrix<S, device_memory> quantize(const exec::cuda& exec, device_view<const floa
   if constexpr (S::has_zero) {
     require_view(zeros, call, "zeros", {{shape.group_count(), "the group count"}});
   }
-  const matrix<S, device_memory> out{codes.data(), scales.data(),
-                                     S::has_zero ? zeros.data() : nullptr, w.extent(0),
-                                     w.extent(1)};
+  const matrix<S, device_memory> out{
+      codes.data(), scales.data(), S::has_zero ? zeros.data() : nullptr, w.extent(0), w.extent(1)};
   if (shape.rows == 0) return out;
   const std::int64_t blocks =
       (shape.group_count() + detail::quantize_warps - 1) / detail::quantize_warps;
