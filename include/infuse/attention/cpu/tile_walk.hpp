@@ -14,7 +14,8 @@
 //   for_row_runs         the rows cut into runs of 4, then single rows
 //   tile_max, tile_weights   one row's online-softmax step over a tile, in base 2
 //   fold_tile, accumulate_tile   the step for a row, and the tile's V into every row
-// K/V dequantization is the CPU gemv's, bit-exact with the scheme's value().
+// K/V dequantization is the CPU gemv's, bit-exact with the scheme's value(); int V codes meet
+// weights with their group's scale folded in (fold_group).
 #pragma once
 
 #include <hwy/cache_control.h>
@@ -329,9 +330,48 @@ INFUSE_FORCE_INLINE void score_rows(const kv::vector_format<S>& f, const tile_re
   }
 }
 
+// The codes of an int scheme's chunk as floats less the implied zero of symmetric codes
+// (subtracted in int32, exact): u - midpoint, or u for zero-point codes.
+template <class S, class D>
+INFUSE_FORCE_INLINE hn::Vec<D> centred_codes(D d, const std::uint8_t* block, int first) {
+  const hn::RebindToSigned<D> di;
+  auto u = hn::BitCast(
+      di, gemm::cpu::detail::int_codes<S::bits>(hn::RebindToUnsigned<D>(), block, first));
+  if constexpr (!S::has_zero) u = hn::Sub(u, hn::Set(di, S::midpoint));
+  return hn::ConvertTo(d, u);
+}
+
+// An int scheme's V group g folded into the tile's weights: value = scale * (u - zero), so
+// sum_j w_j value_j = sum_j (w_j scale_j) u'_j - sum_j w_j scale_j zero_j, with u' the centred
+// codes. folded[r * score_tile + j] = w_rj scale_j, and correction[r] the last sum (zero-point
+// codes only: symmetric ones are centred in int32). Once per group and tile, instead of a
+// subtraction and a multiplication per chunk and token.
+template <class S, int Rows>
+INFUSE_FORCE_INLINE void fold_group(const kv::vector_format<S>& f, const tile_records& v, int g,
+                                    const float* weights, float* folded, float* correction) {
+  const float_tag d;
+  alignas(64) float scales[score_tile];
+  alignas(64) float zeros[score_tile];
+  for (std::int64_t j = 0; j < score_tile; ++j) {
+    const auto p = f.group_params(v.params[j], g);
+    scales[j] = p.scale;
+    zeros[j] = p.zero;
+  }
+  for (int r = 0; r < Rows; ++r) {
+    auto corrected = hn::Zero(d);
+    for (std::int64_t j = 0; j < score_tile; j += static_cast<std::int64_t>(hn::Lanes(d))) {
+      const auto w = hn::Mul(hn::LoadU(d, weights + r * score_tile + j), hn::Load(d, scales + j));
+      hn::StoreU(w, d, folded + r * score_tile + j);
+      if constexpr (S::has_zero) corrected = hn::MulAdd(w, hn::Load(d, zeros + j), corrected);
+    }
+    correction[r] = S::has_zero ? hn::GetLane(hn::SumOfLanes(d, corrected)) : 0.0f;
+  }
+}
+
 // acc_r = acc_r * factors[r] + sum over the tile's tokens j in needed[0, count) of
 // weights[r * score_tile + j] * v_j, for Rows rows (acc rows acc_stride floats apart): each
-// chunk of each V vector unpacked once in registers for every row.
+// chunk of each V vector unpacked once in registers for every row. Int schemes multiply their
+// centred codes by weights with the group's scales folded in (fold_group).
 template <class S, int Stored, int Rows>
 INFUSE_FORCE_INLINE void accumulate_rows(const kv::vector_format<S>& f, const tile_records& v,
                                          const std::int32_t* needed, int count,
@@ -340,30 +380,46 @@ INFUSE_FORCE_INLINE void accumulate_rows(const kv::vector_format<S>& f, const ti
   using tag = gemm::cpu::float_tag<S>;
   const tag d;
   constexpr int lanes = unpack_lanes<S>;
+  constexpr bool folded_int = quant::is_int<S>;
   const int dims = dims_or<Stored>(f.stored_dim());
   const int group_dims = S::group > 0 ? S::group : dims;
+  alignas(64) float folded[folded_int ? Rows * score_tile : 1];
+  float correction[Rows] = {};
+  const float* w = folded_int ? folded : weights;
   // Two chunks at a time (both in one block): two independent FMA chains per row.
   for (int at = 0; at < dims; at += 2 * lanes) {
     const int c = at % quant::block_size;
     const std::int64_t block_at = std::int64_t{at / quant::block_size} * S::block_bytes;
+    if constexpr (folded_int) {
+      if (at % group_dims == 0)
+        fold_group<S, Rows>(f, v, at / group_dims, weights, folded, correction);
+    }
     hn::Vec<tag> sum[Rows][2];
     for (int r = 0; r < Rows; ++r) {
       for (int i = 0; i < 2; ++i) {
         sum[r][i] =
-            hn::Mul(hn::Set(d, factors[r]), hn::LoadU(d, acc + r * acc_stride + at + i * lanes));
+            hn::MulSub(hn::Set(d, factors[r]), hn::LoadU(d, acc + r * acc_stride + at + i * lanes),
+                       hn::Set(d, correction[r]));
       }
     }
     for (int i = 0; i < count; ++i) {
       const std::int32_t j = needed[i];
-      const auto p = f.group_params(v.params[j], at / group_dims);
       const std::uint8_t* block = v.codes[j] + block_at;
-      const auto v0 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p);
-      const auto v1 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c + lanes, p);
+      hn::Vec<tag> v0;
+      hn::Vec<tag> v1;
       ahead.advance(S::block_bytes * 2 * lanes / quant::block_size);
+      if constexpr (folded_int) {
+        v0 = centred_codes<S>(d, block, c);
+        v1 = centred_codes<S>(d, block, c + lanes);
+      } else {
+        const auto p = f.group_params(v.params[j], at / group_dims);
+        v0 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c, p);
+        v1 = gemm::cpu::detail::dequantize_chunk<S>(d, block, c + lanes, p);
+      }
       for (int r = 0; r < Rows; ++r) {
-        const auto w = hn::Set(d, weights[r * score_tile + j]);
-        sum[r][0] = hn::MulAdd(w, v0, sum[r][0]);
-        sum[r][1] = hn::MulAdd(w, v1, sum[r][1]);
+        const auto weight = hn::Set(d, w[r * score_tile + j]);
+        sum[r][0] = hn::MulAdd(weight, v0, sum[r][0]);
+        sum[r][1] = hn::MulAdd(weight, v1, sum[r][1]);
       }
     }
     for (int r = 0; r < Rows; ++r) {
