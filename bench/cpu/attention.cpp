@@ -182,20 +182,27 @@ void shapes(benchmark::internal::Benchmark* b) {
 }
 
 template <class Layout, class S>
-void register_dense(const std::string& name, bool int8_query = false) {
+void register_dense(const std::string& name, infuse::attention::options opt = {}) {
   benchmark::RegisterBenchmark(("attention." + name).c_str(), [=](benchmark::State& state) {
-    infuse::attention::options opt;
-    opt.int8_query = int8_query;
     decode<Layout, S, sparse::dense>(state, {}, 1, opt);
   })->Apply(shapes);
+}
+
+// The integer options: int8 queries, and int8 weights too.
+infuse::attention::options int8_options(bool weights) {
+  infuse::attention::options opt;
+  opt.int8_query = true;
+  opt.int8_weights = weights;
+  return opt;
 }
 
 const bool registered = [] {
   register_dense<hnd, quant::none<infuse::half>>("f16_dense");
   register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense");
   register_dense<hnd, quant::int_<4, 32>>("int4_dense");
-  register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense_q8", true);
-  register_dense<hnd, quant::int_<4, 32>>("int4_dense_q8", true);
+  register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense_q8", int8_options(false));
+  register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense_q8w8", int8_options(true));
+  register_dense<hnd, quant::int_<4, 32>>("int4_dense_q8", int8_options(false));
   register_dense<nhd, quant::none<infuse::half>>("f16_dense_nhd");
   benchmark::RegisterBenchmark("attention.f16_quest_1of16",
                                [](benchmark::State& state) {

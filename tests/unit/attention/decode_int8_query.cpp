@@ -51,6 +51,9 @@ std::vector<double> rounded_query(std::span<const float> q, std::vector<double>&
   return rounded;
 }
 
+using f16 = quant::none<infuse::half>;
+using hnd16 = kv::paged<16, kv::hnd>;
+
 struct shape {
   std::vector<std::int64_t> lengths;
   std::int32_t q_heads;
@@ -138,9 +141,6 @@ void check_int8_query(infuse::test::seeded_rng& rng, const shape& sh,
   }
 }
 
-using f16 = quant::none<infuse::half>;
-using hnd16 = kv::paged<16, kv::hnd>;
-
 template <class K>
 struct keys {
   using k = K;
@@ -166,6 +166,110 @@ TEST_CASE_TEMPLATE("decode with int8 queries matches the reference of the rounde
   check_int8_query<kv::paged<16>, K, K>(rng, {{40, 600}, 4, 2, 128});
   check_int8_query<hnd16, K, f16>(rng, {{33}, 3, 3, short_step_dim});
   check_int8_query<hnd16, K, f16, sparse::window>(rng, {{100}, 16, 2, 128}, {4, 32});
+}
+
+// attention::decode with options::int8_weights (float keys, int8 values) against the float64
+// reference: each output channel within the rounding bound the option documents. A token's
+// rounded weight times its scale moves by at most 1/254 of the largest in its tile; every tile
+// lies within 16 tokens of each of its tokens, so with a_t the reference's normalised weights and
+// s_t the value's scale (of the channel's group), channel d moves by at most
+//   sum_t max(a_i s_i, |i - t| < 16) / 254 * |v_td| / s_t.
+template <class Layout, class VS>
+void check_int8_weights(infuse::test::seeded_rng& rng, const shape& sh) {
+  using attn = attention::attention<Layout, f16, VS, sparse::dense>;
+  auto st = infuse::test::make_store<Layout, f16, VS>(rng, sh.lengths, sh.kv_heads, sh.dim, sh.dim);
+  const auto cache = st.view();
+  const auto& f = cache.format;
+  const auto batch = static_cast<std::int64_t>(sh.lengths.size());
+  const std::int64_t q_heads = sh.q_heads;
+  const std::int64_t dim = sh.dim;
+  const std::int32_t group = sh.q_heads / sh.kv_heads;
+  const std::vector<float> q = rng.normals(static_cast<std::size_t>(batch * q_heads * dim));
+  std::vector<float> out(q.size(), NAN);
+  attention::options opt;
+  opt.int8_weights = true;
+  infuse::test::run_decode<attn>(infuse::exec::cpu(2), q, cache, out, q_heads, {}, opt);
+
+  const double scale = 1.0 / std::sqrt(double(dim));
+  const auto transform = [&](double dot, std::int64_t, std::int64_t, std::int64_t) {
+    return dot * scale;
+  };
+  const auto all = [](std::int64_t, std::int64_t) { return true; };
+  const std::int64_t group_dims = VS::group > 0 ? VS::group : dim;
+  for (std::int64_t s = 0; s < batch; ++s) {
+    const std::int64_t length = sh.lengths[s];
+    for (std::int64_t qh = 0; qh < q_heads; ++qh) {
+      const std::int64_t kh = qh / group;
+      std::vector<double> k_head(static_cast<std::size_t>(length * dim));
+      std::vector<double> v_head(k_head.size());
+      // The value scales, (token, group).
+      std::vector<double> scales(static_cast<std::size_t>(length * (dim / group_dims)));
+      for (std::int64_t t = 0; t < length; ++t) {
+        for (std::int64_t d = 0; d < dim; ++d) {
+          k_head[t * dim + d] = st.k[s][(t * sh.kv_heads + kh) * dim + d];
+          v_head[t * dim + d] = st.v[s][(t * sh.kv_heads + kh) * dim + d];
+        }
+        const auto at = cache.locate(static_cast<std::int32_t>(s), t);
+        const std::uint8_t* params = f.v_params(at.page, at.slot, static_cast<std::int32_t>(kh));
+        for (std::int64_t g = 0; g < dim / group_dims; ++g) {
+          scales[t * (dim / group_dims) + g] = f.v.group_params(params, static_cast<int>(g)).scale;
+        }
+      }
+      const std::vector<double> q_row(&q[(s * q_heads + qh) * dim],
+                                      &q[(s * q_heads + qh + 1) * dim]);
+      const auto ref = reference::attention(reference::attention_shape{1, length, 1, 1, dim, dim},
+                                            q_row, k_head, v_head, transform, all);
+      INFO("sequence " << s << " of length " << length << ", q head " << qh);
+      const std::span<const float> got(&out[(s * q_heads + qh) * dim], dim);
+      for (std::int64_t d = 0; d < dim; ++d) {
+        const std::int64_t g = d / group_dims;
+        const auto weighted = [&](std::int64_t i) {
+          return ref.weights[i] * scales[i * (dim / group_dims) + g];
+        };
+        double bound = 1e-5 * (1.0 + std::fabs(ref.out[d]));  // float arithmetic
+        for (std::int64_t t = 0; t < length; ++t) {
+          const double s_t = scales[t * (dim / group_dims) + g];
+          if (s_t == 0.0) continue;
+          double largest = 0.0;
+          for (std::int64_t i = std::max<std::int64_t>(0, t - 15); i < std::min(length, t + 16);
+               ++i) {
+            largest = std::max(largest, weighted(i));
+          }
+          bound += largest / 254.0 * std::fabs(v_head[t * dim + d]) / s_t;
+        }
+        CHECK(std::fabs(got[d] - ref.out[d]) <= bound);
+      }
+    }
+  }
+}
+
+template <class V>
+struct values {
+  using v = V;
+};
+
+// Int8 values: a scale per vector, symmetric groups of 128 and 32, zero-point groups of 64.
+TEST_CASE_TEMPLATE("decode with int8 weights is within their rounding of the reference", C,
+                   values<quant::int_<8, quant::per_channel>>, values<quant::int_<8, 128>>,
+                   values<quant::int_<8, 32>>, values<quant::int_<8, 64, quant::zero_point>>) {
+  INFUSE_RANDOM(rng);
+  using V = typename C::v;
+  // Lengths 0, 1 and page boundaries; groups 4, 1 and 3 (runs of 4 heads and single ones); head
+  // dims 64, 128 and 256 (one, two and four runs of 64); two split-KV chunks.
+  check_int8_weights<hnd16, V>(rng, {{0, 1, 16, 17}, 8, 2, 128});
+  check_int8_weights<kv::paged<16>, V>(rng, {{40, 600}, 4, 4, 256});
+  check_int8_weights<hnd16, V>(rng, {{33, 5}, 6, 2, V::group == 128 ? 128 : 64});
+}
+
+TEST_CASE("int8 weights leave other values' decode unchanged") {
+  INFUSE_RANDOM(rng);
+  attention::options opt;
+  opt.int8_weights = true;
+  // Int4 values, and a head dim that is not whole runs of 64.
+  infuse::test::check_decode<sparse::dense, hnd16, f16, quant::int_<4, 32>>(
+      rng, {{20, 33}, 8, 2, 128}, {}, opt);
+  infuse::test::check_decode<sparse::dense, hnd16, f16, quant::int_<8, quant::per_channel>>(
+      rng, {{20, 33}, 8, 2, 96}, {}, opt);
 }
 
 TEST_CASE("int8 queries leave float keys' decode unchanged") {

@@ -205,6 +205,138 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
   }
 }
 
+// ---- int8 weights (options::int8_weights) ---------------------------------------------------
+//
+// With int8 values, a tile's softmax weights of each head, times each value's scale, are rounded
+// to int8 per head and group (scale: their largest / 127), and the weighted sum of the value codes
+// is taken in int32 by vpdpbusd, a run of 64 channels and four tokens at a time: the codes of four
+// tokens interleaved byte by byte, so that each int32 lane holds one channel of the four, against
+// the head's four weights broadcast (per half run with groups of 32). The codes' zero comes off in
+// int32 (sum q (u - z) = sum q u - sum q z), and the value is never dequantized.
+
+template <class S>
+inline constexpr bool int8_weight_values = false;
+template <int Group, class Zero>
+inline constexpr bool int8_weight_values<quant::int_<8, Group, Zero>> = true;
+
+// Whole runs of 64 channels.
+template <class S>
+bool int8_weights_fit(const kv::vector_format<S>& f) {
+  return f.stored_dim() % 64 == 0;
+}
+
+// One head's tile weights (score_tile, 0 where unweighted) times the value scales of group g,
+// rounded to int8 (0..127): q (16 bytes), their scale, and sum_j q_j zero_j.
+struct rounded_weights {
+  alignas(16) std::int8_t q[score_tile];
+  float scale;
+  std::int32_t zero_sum;
+};
+
+template <class S, int Rows>
+INFUSE_FORCE_INLINE void round_weights(const kv::vector_format<S>& f, const tile_records& v, int g,
+                                       const float* weights, rounded_weights* rounded) {
+  static_assert(score_tile == 16, "one vector of weights per head");
+  alignas(64) float scales[score_tile];
+  alignas(64) std::int32_t zeros[score_tile];
+  for (std::int64_t j = 0; j < score_tile; ++j) {
+    const auto p = f.group_params(v.params[j], g);
+    scales[j] = p.scale;
+    zeros[j] = static_cast<std::int32_t>(p.zero);
+  }
+  const __m512 scale = _mm512_load_ps(scales);
+  const __m512i zero = _mm512_load_si512(zeros);
+  for (int r = 0; r < Rows; ++r) {
+    const __m512 w = _mm512_mul_ps(_mm512_loadu_ps(weights + r * score_tile), scale);
+    const float largest = _mm512_reduce_max_ps(w);
+    rounded_weights& out = rounded[r];
+    if (!(largest > 0.0f)) {
+      _mm_store_si128(reinterpret_cast<__m128i*>(out.q), _mm_setzero_si128());
+      out.scale = 0.0f;
+      out.zero_sum = 0;
+      continue;
+    }
+    // Round to nearest; the largest weight becomes 127 (the product may round up to 127.00002).
+    const __m512i q =
+        _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(127.0f / largest))),
+                         _mm512_set1_epi32(127));
+    _mm_store_si128(reinterpret_cast<__m128i*>(out.q), _mm512_cvtepi32_epi8(q));
+    out.scale = largest / 127.0f;
+    out.zero_sum = _mm512_reduce_add_epi32(_mm512_mullo_epi32(q, zero));
+  }
+}
+
+// acc_r = acc_r * factors[r] + the tile's weighted int8 values, for Rows rows (acc_stride floats
+// apart), through int8 weights (above).
+template <class S, int Stored, int Rows>
+INFUSE_FORCE_INLINE void accumulate_rows_int8(const kv::vector_format<S>& f, const tile_records& v,
+                                              const float* weights, const float* factors,
+                                              float* acc, std::int64_t acc_stride,
+                                              walk::line_stream& ahead) {
+  const int dims = dims_or<Stored>(f.stored_dim());
+  const int group_dims = S::group > 0 ? S::group : dims;
+  // The weights of each half run (channels 32h .. 32h + 31 of it): two groups of 32, or one.
+  constexpr bool halves_differ = S::group == 32;
+  rounded_weights rounded[2][Rows];
+  for (int run = 0; run < dims; run += 64) {
+    if (run % group_dims == 0) round_weights<S, Rows>(f, v, run / group_dims, weights, rounded[0]);
+    if constexpr (halves_differ) round_weights<S, Rows>(f, v, run / 32 + 1, weights, rounded[1]);
+    const rounded_weights* half[2] = {rounded[0], rounded[halves_differ ? 1 : 0]};
+    __m512i sum[Rows][4];
+    for (auto& row : sum) {
+      for (auto& lanes : row) lanes = _mm512_setzero_si512();
+    }
+    for (int j0 = 0; j0 < score_tile; j0 += 4) {
+      const __m512i t0 = _mm512_loadu_si512(v.codes[j0] + run);
+      const __m512i t1 = _mm512_loadu_si512(v.codes[j0 + 1] + run);
+      const __m512i t2 = _mm512_loadu_si512(v.codes[j0 + 2] + run);
+      const __m512i t3 = _mm512_loadu_si512(v.codes[j0 + 3] + run);
+      const __m512i low01 = _mm512_unpacklo_epi8(t0, t1);
+      const __m512i high01 = _mm512_unpackhi_epi8(t0, t1);
+      const __m512i low23 = _mm512_unpacklo_epi8(t2, t3);
+      const __m512i high23 = _mm512_unpackhi_epi8(t2, t3);
+      // x[c], lane 4k + i: channel 16k + 4c + i of the run, the four tokens' codes in its bytes.
+      const __m512i x[4] = {
+          _mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
+          _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
+      for (int r = 0; r < Rows; ++r) {
+        std::int32_t four[2];
+        std::memcpy(&four[0], half[0][r].q + j0, sizeof(four[0]));
+        std::memcpy(&four[1], half[1][r].q + j0, sizeof(four[1]));
+        // Blocks 0 and 1 of x hold channels 0 .. 31 of the run, blocks 2 and 3 the rest.
+        const __m512i w = halves_differ
+                              ? _mm512_mask_blend_epi32(0xFF00, _mm512_set1_epi32(four[0]),
+                                                        _mm512_set1_epi32(four[1]))
+                              : _mm512_set1_epi32(four[0]);
+        for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], x[c], w);
+      }
+    }
+    ahead.advance(score_tile * 64);
+    for (int r = 0; r < Rows; ++r) {
+      // A 4 x 4 transpose of 128-bit blocks: block c of ordered[k] is block k of sum[r][c],
+      // channels 16k + 4c .. 16k + 4c + 3.
+      const __m512i a = _mm512_shuffle_i32x4(sum[r][0], sum[r][1], 0x44);
+      const __m512i b = _mm512_shuffle_i32x4(sum[r][0], sum[r][1], 0xEE);
+      const __m512i c = _mm512_shuffle_i32x4(sum[r][2], sum[r][3], 0x44);
+      const __m512i d = _mm512_shuffle_i32x4(sum[r][2], sum[r][3], 0xEE);
+      const __m512i ordered[4] = {
+          _mm512_shuffle_i32x4(a, c, 0x88), _mm512_shuffle_i32x4(a, c, 0xDD),
+          _mm512_shuffle_i32x4(b, d, 0x88), _mm512_shuffle_i32x4(b, d, 0xDD)};
+      const __m512 factor = _mm512_set1_ps(factors[r]);
+      float* row = acc + r * acc_stride + run;
+      for (int k = 0; k < 4; ++k) {
+        const rounded_weights& w = half[k / 2][r];
+        const __m512i zero_sum = _mm512_set1_epi32(w.zero_sum);
+        const __m512 scale = _mm512_set1_ps(w.scale);
+        const __m512 weighted = _mm512_cvtepi32_ps(_mm512_sub_epi32(ordered[k], zero_sum));
+        _mm512_storeu_ps(
+            row + 16 * k,
+            _mm512_fmadd_ps(scale, weighted, _mm512_mul_ps(factor, _mm512_loadu_ps(row + 16 * k))));
+      }
+    }
+  }
+}
+
 #endif
 
 // What one thread's scratch holds (floats).
@@ -282,6 +414,7 @@ struct unit_context {
   std::int32_t kv_head;
   std::int32_t group;
   std::int64_t length;
+  bool int8_weights = false;  // options::int8_weights, where the values take it
 };
 
 // The online softmax of one split-KV chunk: selected tokens [first, last) of the unit, into its
@@ -385,6 +518,18 @@ void attend_chunk(const unit_context<Cache, Sparsity>& u, const sparse::token_ra
       factors[g] = walk::fold_tile(s, partial + g * partial_floats, v_stored, any);
     }
     if (!any) return;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+    if constexpr (int8_weight_values<v_read>) {
+      if (u.int8_weights) {
+        walk::for_row_runs<4>(u.group, [&]<int Heads>(std::int32_t g) {
+          accumulate_rows_int8<v_read, VStored, Heads>(v_format, v, scores + g * score_tile,
+                                                       factors + g, partial + g * partial_floats,
+                                                       partial_floats, v_ahead);
+        });
+        return;
+      }
+    }
+#endif
     walk::accumulate_tile<v_read, VStored>(v_format, v, n, u.group, scores, factors, partial,
                                            partial_floats, v_ahead);
   };
@@ -424,9 +569,12 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
       std::int64_t{group} * k_stored + std::int64_t{group} * score_tile + kv::round_up(group, 16);
   const std::int64_t query8_bytes = gemm::int8_workspace_bytes(group, k_stored);
   bool int8_query = false;
+  bool int8_weights = false;  // int8 values, runs of 64 channels of one scale, VNNI
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
   int8_query = detail::int8_query_keys<typename cache_type::k_scheme> && opt.int8_query &&
                query8_bytes <= (plan.scratch_floats - select_at) * 4;
+  int8_weights = detail::int8_weight_values<typename cache_type::v_scheme> && opt.int8_weights &&
+                 detail::int8_weights_fit(f.v);
 #endif
 
   const auto scratch_of = [&](int thread) {
@@ -583,8 +731,8 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
       const sparse::token_range* ranges = parts.ranges + parts.range_offsets[u];
       const std::int64_t count = parts.range_counts[u];
       const std::int64_t selected = detail::selected_tokens(ranges, count);
-      const detail::unit_context<cache_type, Sparsity> unit{cache, sparsity, transform,      s,
-                                                            h,     group,    cache.length(s)};
+      const detail::unit_context<cache_type, Sparsity> unit{
+          cache, sparsity, transform, s, h, group, cache.length(s), int8_weights};
       float* weights_row = nullptr;
       if constexpr (want_weights) weights_row = &weights(s, h * group, 0);
       detail::attend_chunk<KStored, VStored>(
