@@ -8,6 +8,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <tuple>
 #include <vector>
 
 #include "infuse/attention/attention.hpp"
@@ -61,18 +62,38 @@ struct shape {
   std::int32_t dim;
 };
 
+// A store of the shape's sequences, normal queries and an output to fill.
+template <class Layout, class KS, class VS>
+struct decode_case {
+  infuse::test::kv_store<Layout, KS, VS> store;
+  std::int64_t batch;
+  std::int64_t q_heads;
+  std::int64_t dim;
+  std::int32_t group;
+  std::vector<float> q;
+  std::vector<float> out;
+
+  decode_case(infuse::test::seeded_rng& rng, const shape& sh)
+      : store(
+            infuse::test::make_store<Layout, KS, VS>(rng, sh.lengths, sh.kv_heads, sh.dim, sh.dim)),
+        batch(static_cast<std::int64_t>(sh.lengths.size())),
+        q_heads(sh.q_heads),
+        dim(sh.dim),
+        group(sh.q_heads / sh.kv_heads),
+        q(rng.normals(static_cast<std::size_t>(batch * q_heads * dim))),
+        out(q.size(), NAN) {}
+};
+
 template <class Layout, class KS, class VS, class Sparsity = sparse::dense>
 void check_int8_query(infuse::test::seeded_rng& rng, const shape& sh,
                       const typename Sparsity::params& params = {}) {
   using attn = attention::attention<Layout, KS, VS, Sparsity>;
-  auto st = infuse::test::make_store<Layout, KS, VS>(rng, sh.lengths, sh.kv_heads, sh.dim, sh.dim);
+  decode_case<Layout, KS, VS> c(rng, sh);
+  auto& st = c.store;
   const auto cache = st.view();
-  const auto batch = static_cast<std::int64_t>(sh.lengths.size());
-  const std::int64_t q_heads = sh.q_heads;
-  const std::int64_t dim = sh.dim;
-  const std::int32_t group = sh.q_heads / sh.kv_heads;
-  const std::vector<float> q = rng.normals(static_cast<std::size_t>(batch * q_heads * dim));
-  std::vector<float> out(q.size(), NAN);
+  const auto [batch, q_heads, dim, group] = std::tuple(c.batch, c.q_heads, c.dim, c.group);
+  const std::vector<float>& q = c.q;
+  std::vector<float>& out = c.out;
   std::vector<float> lse(static_cast<std::size_t>(batch * q_heads), NAN);
   attention::options opt;
   opt.int8_query = true;
@@ -177,15 +198,13 @@ TEST_CASE_TEMPLATE("decode with int8 queries matches the reference of the rounde
 template <class Layout, class VS>
 void check_int8_weights(infuse::test::seeded_rng& rng, const shape& sh) {
   using attn = attention::attention<Layout, f16, VS, sparse::dense>;
-  auto st = infuse::test::make_store<Layout, f16, VS>(rng, sh.lengths, sh.kv_heads, sh.dim, sh.dim);
+  decode_case<Layout, f16, VS> c(rng, sh);
+  auto& st = c.store;
   const auto cache = st.view();
   const auto& f = cache.format;
-  const auto batch = static_cast<std::int64_t>(sh.lengths.size());
-  const std::int64_t q_heads = sh.q_heads;
-  const std::int64_t dim = sh.dim;
-  const std::int32_t group = sh.q_heads / sh.kv_heads;
-  const std::vector<float> q = rng.normals(static_cast<std::size_t>(batch * q_heads * dim));
-  std::vector<float> out(q.size(), NAN);
+  const auto [batch, q_heads, dim, group] = std::tuple(c.batch, c.q_heads, c.dim, c.group);
+  const std::vector<float>& q = c.q;
+  std::vector<float>& out = c.out;
   attention::options opt;
   opt.int8_weights = true;
   infuse::test::run_decode<attn>(infuse::exec::cpu(2), q, cache, out, q_heads, {}, opt);
