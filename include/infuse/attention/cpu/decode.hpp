@@ -569,7 +569,7 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
       std::int64_t{group} * k_stored + std::int64_t{group} * score_tile + kv::round_up(group, 16);
   const std::int64_t query8_bytes = gemm::int8_workspace_bytes(group, k_stored);
   bool int8_query = false;
-  bool int8_weights = false;  // int8 values, runs of 64 channels of one scale, VNNI
+  bool int8_weights = false;  // int8 values in whole runs of 64 channels, VNNI
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
   int8_query = detail::int8_query_keys<typename cache_type::k_scheme> && opt.int8_query &&
                query8_bytes <= (plan.scratch_floats - select_at) * 4;
