@@ -203,6 +203,7 @@ const bool registered = [] {
   register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense_q8", int8_options(false));
   register_dense<hnd, quant::int_<8, quant::per_channel>>("int8_dense_q8w8", int8_options(true));
   register_dense<hnd, quant::int_<4, 32>>("int4_dense_q8", int8_options(false));
+  register_dense<hnd, quant::int_<4, 32>>("int4_dense_q8w8", int8_options(true));
   register_dense<nhd, quant::none<infuse::half>>("f16_dense_nhd");
   benchmark::RegisterBenchmark("attention.f16_quest_1of16",
                                [](benchmark::State& state) {

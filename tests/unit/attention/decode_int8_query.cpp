@@ -189,8 +189,8 @@ TEST_CASE_TEMPLATE("decode with int8 queries matches the reference of the rounde
   check_int8_query<hnd16, K, f16, sparse::window>(rng, {{100}, 16, 2, 128}, {4, 32});
 }
 
-// attention::decode with options::int8_weights (float keys, int8 values) against the float64
-// reference: each output channel within the rounding bound the option documents. A token's
+// attention::decode with options::int8_weights (float keys, int8, int4 or int2 values) against the
+// float64 reference: each output channel within the rounding bound the option documents. A token's
 // rounded weight times its scale moves by at most 1/254 of the largest in its tile; every tile
 // lies within 16 tokens of each of its tokens, so with a_t the reference's normalised weights and
 // s_t the value's scale (of the channel's group), channel d moves by at most
@@ -267,10 +267,14 @@ struct values {
   using v = V;
 };
 
-// Int8 values: a scale per vector, symmetric groups of 128 and 32, zero-point groups of 64.
+// Int8 values: a scale per vector, symmetric groups of 128 and 32, zero-point groups of 64; int4
+// values (their nibbles spread to bytes): symmetric groups of 32, zero-point groups of 128; int2
+// values (four to a byte): zero-point groups of 64.
 TEST_CASE_TEMPLATE("decode with int8 weights is within their rounding of the reference", C,
                    values<quant::int_<8, quant::per_channel>>, values<quant::int_<8, 128>>,
-                   values<quant::int_<8, 32>>, values<quant::int_<8, 64, quant::zero_point>>) {
+                   values<quant::int_<8, 32>>, values<quant::int_<8, 64, quant::zero_point>>,
+                   values<quant::int_<4, 32>>, values<quant::int_<4, 128, quant::zero_point>>,
+                   values<quant::int_<2, 64, quant::zero_point>>) {
   INFUSE_RANDOM(rng);
   using V = typename C::v;
   // Lengths 0, 1 and page boundaries; groups 4, 1 and 3 (runs of 4 heads and single ones); head
@@ -284,8 +288,8 @@ TEST_CASE("int8 weights leave other values' decode unchanged") {
   INFUSE_RANDOM(rng);
   attention::options opt;
   opt.int8_weights = true;
-  // Int4 values, and a head dim that is not whole runs of 64.
-  infuse::test::check_decode<sparse::dense, hnd16, f16, quant::int_<4, 32>>(
+  // Int3 values, and a head dim that is not whole runs of 64.
+  infuse::test::check_decode<sparse::dense, hnd16, f16, quant::int_<3, 32>>(
       rng, {{20, 33}, 8, 2, 128}, {}, opt);
   infuse::test::check_decode<sparse::dense, hnd16, f16, quant::int_<8, quant::per_channel>>(
       rng, {{20, 33}, 8, 2, 96}, {}, opt);

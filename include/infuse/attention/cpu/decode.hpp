@@ -26,12 +26,14 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <numbers>
 #include <span>
 #include <type_traits>
@@ -207,17 +209,55 @@ INFUSE_FORCE_INLINE void score_heads_int8(const kv::vector_format<S>& f, const t
 
 // ---- int8 weights (options::int8_weights) ---------------------------------------------------
 //
-// With int8 values, a tile's softmax weights of each head, times each value's scale, are rounded
-// to int8 per head and group (scale: their largest / 127), and the weighted sum of the value codes
-// is taken in int32 by vpdpbusd, a run of 64 channels and four tokens at a time: the codes of four
-// tokens interleaved byte by byte, so that each int32 lane holds one channel of the four, against
-// the head's four weights broadcast (per half run with groups of 32). The codes' zero comes off in
+// With int8, int4 or int2 values, a tile's softmax weights of each head, times each value's scale,
+// are rounded to int8 per head and group (scale: their largest / 127), and the weighted sum of the
+// value codes is taken in int32 by vpdpbusd, a run of 64 channels and four tokens at a time: each
+// token's codes of the run as 64 bytes in channel order (run_codes), those of four tokens
+// interleaved byte by byte, so that each int32 lane holds one channel of the four, against the
+// head's four weights broadcast (per half run with groups of 32). The codes' zero comes off in
 // int32 (sum q (u - z) = sum q u - sum q z), and the value is never dequantized.
 
 template <class S>
 inline constexpr bool int8_weight_values = false;
-template <int Group, class Zero>
-inline constexpr bool int8_weight_values<quant::int_<8, Group, Zero>> = true;
+template <int Bits, int Group, class Zero>
+inline constexpr bool int8_weight_values<quant::int_<Bits, Group, Zero>> =
+    Bits == 8 || Bits == 4 || Bits == 2;
+
+// The codes of a run of 64 channels (at `codes`, the run's first block) as 64 bytes, channel c
+// in byte c. Below 8 bits a block of 32 values packs value j in byte j % B at bit Bits * (j / B),
+// B = 32 * Bits / 8 bytes a block (quant/int.hpp): byte c takes its packed byte (vpermb) and is
+// shifted to its value's bits (vpsrlvw: the two channels of a word share their shift).
+template <int Bits>
+INFUSE_FORCE_INLINE __m512i run_codes(const std::uint8_t* codes) {
+  if constexpr (Bits == 8) {
+    return _mm512_loadu_si512(codes);
+  } else {
+    constexpr int block_bytes = quant::block_size * Bits / 8;
+    const auto index = [] {
+      std::array<std::uint8_t, 64> at{};
+      for (int c = 0; c < 64; ++c) {
+        at[c] = static_cast<std::uint8_t>(c / quant::block_size * block_bytes + c % block_bytes);
+      }
+      return at;
+    };
+    const auto shift = [] {
+      std::array<std::uint16_t, 32> by{};
+      for (int w = 0; w < 32; ++w) {
+        by[w] = static_cast<std::uint16_t>(2 * w % quant::block_size / block_bytes * Bits);
+      }
+      return by;
+    };
+    alignas(64) static constexpr std::array<std::uint8_t, 64> byte_index = index();
+    alignas(64) static constexpr std::array<std::uint16_t, 32> word_shift = shift();
+    const __m512i packed =
+        Bits == 4
+            ? _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes)))
+            : _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    const __m512i spread = _mm512_permutexvar_epi8(_mm512_load_si512(byte_index.data()), packed);
+    return _mm512_and_si512(_mm512_srlv_epi16(spread, _mm512_load_si512(word_shift.data())),
+                            _mm512_set1_epi8(static_cast<char>((1 << Bits) - 1)));
+  }
+}
 
 // Whole runs of 64 channels.
 template <class S>
@@ -233,40 +273,68 @@ struct rounded_weights {
   std::int32_t zero_sum;
 };
 
+// The rounding of Rows <= 4 heads at once: row r's figures in 128-bit block r of a register, so
+// that the largest weight, the rounding factor and the zero sums of all rows take one sequence of
+// shuffles instead of a horizontal reduction each.
 template <class S, int Rows>
 INFUSE_FORCE_INLINE void round_weights(const kv::vector_format<S>& f, const tile_records& v, int g,
                                        const float* weights, rounded_weights* rounded) {
   static_assert(score_tile == 16, "one vector of weights per head");
+  static_assert(Rows >= 1 && Rows <= 4, "a 128-bit block per row");
   alignas(64) float scales[score_tile];
-  alignas(64) std::int32_t zeros[score_tile];
-  for (std::int64_t j = 0; j < score_tile; ++j) {
-    const auto p = f.group_params(v.params[j], g);
-    scales[j] = p.scale;
-    zeros[j] = static_cast<std::int32_t>(p.zero);
-  }
+  alignas(64) float zeros[score_tile];
+  walk::tile_group_params(f, v, g, scales, zeros);
   const __m512 scale = _mm512_load_ps(scales);
-  const __m512i zero = _mm512_load_si512(zeros);
+  __m512 w[4];
+  for (int r = 0; r < 4; ++r) {
+    w[r] = r < Rows ? _mm512_mul_ps(_mm512_loadu_ps(weights + r * score_tile), scale)
+                    : _mm512_setzero_ps();
+  }
+  // Each row's largest weight (weights are >= 0), in every lane of its block.
+  const __m512 pairs01 =
+      _mm512_max_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x44), _mm512_shuffle_f32x4(w[0], w[1], 0xEE));
+  const __m512 pairs23 =
+      _mm512_max_ps(_mm512_shuffle_f32x4(w[2], w[3], 0x44), _mm512_shuffle_f32x4(w[2], w[3], 0xEE));
+  __m512 largest = _mm512_max_ps(_mm512_shuffle_f32x4(pairs01, pairs23, 0x88),
+                                 _mm512_shuffle_f32x4(pairs01, pairs23, 0xDD));
+  largest = _mm512_max_ps(largest, _mm512_permute_ps(largest, 0x4E));
+  largest = _mm512_max_ps(largest, _mm512_permute_ps(largest, 0xB1));
+  // Round to nearest; the largest weight becomes 127 (the product may round up to 127.00002). A
+  // row without weight gets codes 0 and scale 0.
+  const __m512 to_codes =
+      _mm512_div_ps(_mm512_set1_ps(127.0f),
+                    _mm512_max_ps(largest, _mm512_set1_ps(std::numeric_limits<float>::min())));
+  __m512i codes = _mm512_setzero_si512();  // row r's 16 codes in block r
+  const auto block_of = [&]<int R>() {
+    const __m512i q = _mm512_min_epi32(
+        _mm512_cvtps_epi32(_mm512_mul_ps(w[R], _mm512_shuffle_f32x4(to_codes, to_codes, R * 0x55))),
+        _mm512_set1_epi32(127));
+    codes = _mm512_inserti32x4(codes, _mm512_cvtepi32_epi8(q), R);
+  };
+  block_of.template operator()<0>();
+  if constexpr (Rows > 1) block_of.template operator()<1>();
+  if constexpr (Rows > 2) block_of.template operator()<2>();
+  if constexpr (Rows > 3) block_of.template operator()<3>();
+  // sum_j q_rj zero_j: each lane sums four tokens (vpdpbusd), then the block's four lanes.
+  const __m512i zero_bytes =
+      _mm512_broadcast_i32x4(_mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_load_ps(zeros))));
+  __m512i zero_sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), zero_bytes, codes);
+  zero_sums = _mm512_add_epi32(zero_sums, _mm512_shuffle_epi32(zero_sums, _MM_PERM_BADC));
+  zero_sums = _mm512_add_epi32(zero_sums, _mm512_shuffle_epi32(zero_sums, _MM_PERM_CDAB));
+  alignas(64) std::int8_t code_bytes[64];
+  alignas(64) float row_scales[16];
+  alignas(64) std::int32_t row_zero_sums[16];
+  _mm512_store_si512(code_bytes, codes);
+  _mm512_store_ps(row_scales, _mm512_div_ps(largest, _mm512_set1_ps(127.0f)));
+  _mm512_store_si512(row_zero_sums, zero_sums);
   for (int r = 0; r < Rows; ++r) {
-    const __m512 w = _mm512_mul_ps(_mm512_loadu_ps(weights + r * score_tile), scale);
-    const float largest = _mm512_reduce_max_ps(w);
-    rounded_weights& out = rounded[r];
-    if (!(largest > 0.0f)) {
-      _mm_store_si128(reinterpret_cast<__m128i*>(out.q), _mm_setzero_si128());
-      out.scale = 0.0f;
-      out.zero_sum = 0;
-      continue;
-    }
-    // Round to nearest; the largest weight becomes 127 (the product may round up to 127.00002).
-    const __m512i q =
-        _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(w, _mm512_set1_ps(127.0f / largest))),
-                         _mm512_set1_epi32(127));
-    _mm_store_si128(reinterpret_cast<__m128i*>(out.q), _mm512_cvtepi32_epi8(q));
-    out.scale = largest / 127.0f;
-    out.zero_sum = _mm512_reduce_add_epi32(_mm512_mullo_epi32(q, zero));
+    std::memcpy(rounded[r].q, code_bytes + 16 * r, score_tile);
+    rounded[r].scale = row_scales[4 * r];
+    rounded[r].zero_sum = row_zero_sums[4 * r];
   }
 }
 
-// acc_r = acc_r * factors[r] + the tile's weighted int8 values, for Rows rows (acc_stride floats
+// acc_r = acc_r * factors[r] + the tile's weighted integer values, for Rows rows (acc_stride floats
 // apart), through int8 weights (above).
 template <class S, int Stored, int Rows>
 INFUSE_FORCE_INLINE void accumulate_rows_int8(const kv::vector_format<S>& f, const tile_records& v,
@@ -287,10 +355,11 @@ INFUSE_FORCE_INLINE void accumulate_rows_int8(const kv::vector_format<S>& f, con
       for (auto& lanes : row) lanes = _mm512_setzero_si512();
     }
     for (int j0 = 0; j0 < score_tile; j0 += 4) {
-      const __m512i t0 = _mm512_loadu_si512(v.codes[j0] + run);
-      const __m512i t1 = _mm512_loadu_si512(v.codes[j0 + 1] + run);
-      const __m512i t2 = _mm512_loadu_si512(v.codes[j0 + 2] + run);
-      const __m512i t3 = _mm512_loadu_si512(v.codes[j0 + 3] + run);
+      const std::int64_t at = std::int64_t{run} * S::bits / 8;
+      const __m512i t0 = run_codes<S::bits>(v.codes[j0] + at);
+      const __m512i t1 = run_codes<S::bits>(v.codes[j0 + 1] + at);
+      const __m512i t2 = run_codes<S::bits>(v.codes[j0 + 2] + at);
+      const __m512i t3 = run_codes<S::bits>(v.codes[j0 + 3] + at);
       const __m512i low01 = _mm512_unpacklo_epi8(t0, t1);
       const __m512i high01 = _mm512_unpackhi_epi8(t0, t1);
       const __m512i low23 = _mm512_unpacklo_epi8(t2, t3);
@@ -311,7 +380,7 @@ INFUSE_FORCE_INLINE void accumulate_rows_int8(const kv::vector_format<S>& f, con
         for (int c = 0; c < 4; ++c) sum[r][c] = _mm512_dpbusd_epi32(sum[r][c], x[c], w);
       }
     }
-    ahead.advance(score_tile * 64);
+    ahead.advance(score_tile * 64 * S::bits / 8);
     for (int r = 0; r < Rows; ++r) {
       // A 4 x 4 transpose of 128-bit blocks: block c of ordered[k] is block k of sum[r][c],
       // channels 16k + 4c .. 16k + 4c + 3.
@@ -569,7 +638,7 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
       std::int64_t{group} * k_stored + std::int64_t{group} * score_tile + kv::round_up(group, 16);
   const std::int64_t query8_bytes = gemm::int8_workspace_bytes(group, k_stored);
   bool int8_query = false;
-  bool int8_weights = false;  // int8 values in whole runs of 64 channels, VNNI
+  bool int8_weights = false;  // int8, int4 or int2 values in whole runs of 64 channels, VNNI
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
   int8_query = detail::int8_query_keys<typename cache_type::k_scheme> && opt.int8_query &&
                query8_bytes <= (plan.scratch_floats - select_at) * 4;

@@ -341,6 +341,17 @@ INFUSE_FORCE_INLINE hn::Vec<D> centred_codes(D d, const std::uint8_t* block, int
   return hn::ConvertTo(d, u);
 }
 
+// The scales and zero points (as floats) of value group g of the tile's records.
+template <class S>
+INFUSE_FORCE_INLINE void tile_group_params(const kv::vector_format<S>& f, const tile_records& v,
+                                           int g, float* scales, float* zeros) {
+  for (std::int64_t j = 0; j < score_tile; ++j) {
+    const auto p = f.group_params(v.params[j], g);
+    scales[j] = p.scale;
+    zeros[j] = p.zero;
+  }
+}
+
 // An int scheme's V group g folded into the tile's weights: value = scale * (u - zero), so
 // sum_j w_j value_j = sum_j (w_j scale_j) u'_j - sum_j w_j scale_j zero_j, with u' the centred
 // codes. folded[r * score_tile + j] = w_rj scale_j, and correction[r] the last sum (zero-point
@@ -352,11 +363,7 @@ INFUSE_FORCE_INLINE void fold_group(const kv::vector_format<S>& f, const tile_re
   const float_tag d;
   alignas(64) float scales[score_tile];
   alignas(64) float zeros[score_tile];
-  for (std::int64_t j = 0; j < score_tile; ++j) {
-    const auto p = f.group_params(v.params[j], g);
-    scales[j] = p.scale;
-    zeros[j] = p.zero;
-  }
+  tile_group_params(f, v, g, scales, zeros);
   for (int r = 0; r < Rows; ++r) {
     auto corrected = hn::Zero(d);
     for (std::int64_t j = 0; j < score_tile; j += static_cast<std::int64_t>(hn::Lanes(d))) {
