@@ -781,13 +781,17 @@ void decode(const exec::cpu& exec, host_view<const float, 3> q,
   }
 
   // 2. attend, chunk by chunk; the last chunk of a unit to finish merges it (acquire-release:
-  // it sees every other chunk's partial).
-  exec.parallel_for_ranges(items, [&](int thread, std::int64_t begin, std::int64_t end) {
+  // it sees every other chunk's partial). Each thread takes the next chunk when it is done with
+  // one: threads that share a core or a busy host do not run at one speed, and a fixed split
+  // leaves the faster ones waiting. A thread's chunks come in order, so its unit only moves on.
+  std::atomic<std::int64_t> next_item{0};
+  const std::int64_t team = std::min<std::int64_t>(items, exec.threads());
+  exec.parallel_for_ranges(team, [&](int thread, std::int64_t, std::int64_t) {
     const detail::thread_scratch scratch = scratch_of(thread);
-    std::int64_t u = std::upper_bound(parts.item_offsets, parts.item_offsets + units + 1, begin) -
-                     parts.item_offsets - 1;
+    std::int64_t u = 0;
     std::int64_t loaded = -1;
-    for (std::int64_t item = begin; item < end; ++item) {
+    for (std::int64_t item = next_item.fetch_add(1, std::memory_order_relaxed); item < items;
+         item = next_item.fetch_add(1, std::memory_order_relaxed)) {
       while (item >= parts.item_offsets[u + 1]) ++u;
       const auto s = static_cast<std::int32_t>(u / kv_heads);
       const auto h = static_cast<std::int32_t>(u % kv_heads);
