@@ -28,9 +28,9 @@ struct options {
   // Decode with int8, int4 or int2 values (quant::int_<8, 4 or 2, G>, head dims a multiple of 64)
   // on a CPU with AVX-512 VNNI: round each head's softmax weights over a tile of up to 16 tokens,
   // times each value's scale, to int8 (scale: their largest / 127) and take the weighted sum of the
-  // value codes as integer dot products. Faster; it moves each token's weight by at most 1/254 of the largest in
-  // its tile, so an output channel by at most sum over tokens of (that bound) * |value| (normalised
-  // weights). Elsewhere the weights stay float.
+  // value codes as integer dot products. Faster; it moves each token's weight by at most 1/254 of
+  // the largest in its tile, so an output channel by at most sum over tokens of (that bound) *
+  // |value| (normalised weights). Elsewhere the weights stay float.
   bool int8_weights = false;
 };
 
